@@ -1,0 +1,253 @@
+"""Checkpoints: one dict with constant keys, written atomically, loaded without unpickling code.
+
+Layout of a checkpoint (``FORMAT_VERSION`` 1)::
+
+    {"format_version": 1, "versions": {...}, "config": {...}, "step": int, "epoch": int,
+     "state": {"model": ..., "optimizer": ..., "schedule": ..., "scaler": ..., "controls": ...,
+               "sampler": ..., "rng": ..., "early_stopping": ..., "detectors": ...}}
+
+Every entry of ``state`` is the ``state_dict()`` of a registered component; nothing is special-cased.
+Only tensors, numbers, strings, None, lists, tuples and dicts are stored, so ``torch.load`` with
+``weights_only=True`` reads it back and a file carrying a pickled object is refused, never run.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import random
+import re
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+TOP_KEYS = ("format_version", "versions", "config", "step", "epoch", "state")
+STATE_KEYS = ("model", "optimizer", "schedule", "scaler", "controls", "sampler", "rng", "early_stopping",
+              "detectors")
+CKPT_RE = re.compile(r"^step-(\d+)(?:-([A-Za-z0-9_.-]+))?\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"checkpoint {os.fspath(path)}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that matter for reading a run back (saved in configs and checkpoints)."""
+    import pandas
+
+    from . import __version__
+
+    return {"workbench": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+            "pandas": pandas.__version__, "python": sys.version.split()[0]}
+
+
+# ----------------------------------------------------------------------------- components
+class RNGState:
+    """Python, numpy, torch CPU and every CUDA device's RNG state, as plain data."""
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"python": [version, list(internal), gauss],
+                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+                 "torch": torch.get_rng_state(), "cuda": []}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = list(torch.cuda.get_rng_state_all())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def to_cpu(obj: Any) -> Any:
+    """A deep copy with every tensor cloned to host memory (so training can go on while it is written)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(v) for v in obj)
+    return obj
+
+
+def has_nonfinite(state: Any) -> bool:
+    """True when any floating tensor in ``state`` holds NaN or inf (such a state must not be saved)."""
+    if isinstance(state, torch.Tensor):
+        return state.is_floating_point() and not bool(torch.isfinite(state).all())
+    if isinstance(state, Mapping):
+        return any(has_nonfinite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return any(has_nonfinite(v) for v in state)
+    return False
+
+
+# ----------------------------------------------------------------------------- save and load
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` with torch.save so that ``path`` exists only when complete.
+
+    Temp file in the same folder -> flush + fsync -> os.replace -> fsync the folder: a crash leaves
+    either the old state or the new one, never a half-written file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temp files left by a save that was interrupted (called at start)."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and check a checkpoint; raise CheckpointError naming the file and the reason.
+
+    Uses ``weights_only=True``: a file holding pickled objects (code) is refused without running it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "the file is empty (a save was interrupted?)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(path, "it holds objects other than tensors and plain data (a pickle payload?), "
+                                    f"so it was refused and nothing in it was run ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(path, f"the file is truncated or corrupt ({_first_line(e)})") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise CheckpointError(path, "not a workbench checkpoint (no format_version)")
+    version = ckpt["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(path, f"made by a newer workbench (format {version!r}; this version reads up to "
+                                    f"{FORMAT_VERSION}); upgrade the workbench to load it")
+    missing = [k for k in TOP_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(path, f"missing key(s) {', '.join(missing)}")
+    return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoint files in a folder, newest step first."""
+    found = []
+    for p in Path(folder).glob("step-*.pt"):
+        m = CKPT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    found.sort(key=lambda t: (t[0], t[1].stat().st_mtime), reverse=True)
+    return found
+
+
+def newest_intact(folder: str | os.PathLike, warn: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+    """The newest checkpoint in ``folder`` that loads; each broken newer one is reported through ``warn``."""
+    problems = []
+    for _, p in checkpoint_files(folder):
+        try:
+            return p, load_checkpoint(p)
+        except CheckpointError as e:
+            problems.append(str(e))
+            if warn:
+                warn(f"{e}; falling back to an older checkpoint")
+    if problems:
+        raise CheckpointError(folder, "no intact checkpoint: " + "; ".join(problems))
+    raise CheckpointError(folder, "no checkpoint files (step-*.pt) in this folder")
+
+
+def checkpoint_name(step: int, tag: str | None = None) -> str:
+    """File name for a checkpoint; tags are letters, digits, '_', '.', '-'."""
+    if tag is None:
+        return f"step-{step:08d}.pt"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tag):
+        raise ValueError(f"tag: got {tag!r}; allowed: 1-64 letters, digits, '_', '.', '-'")
+    return f"step-{step:08d}-{tag}.pt"
+
+
+class AsyncWriter:
+    """Writes checkpoints on a background thread, one at a time, in order.
+
+    The trainer thread copies the state to host memory and hands it over; disk latency never stalls
+    a step. ``wait()`` blocks until every submitted write is on disk; errors are reported to ``on_error``.
+    """
+
+    def __init__(self, on_error: Callable[[Path, BaseException], None]) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._on_error = on_error
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, state: dict, path: Path, on_done: Callable[[Path], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="workbench-ckpt-writer", daemon=True)
+                self._thread.start()
+        self._queue.put((state, path, on_done))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            state, path, on_done = item
+            try:
+                atomic_save(state, path)
+                on_done(path)
+            except BaseException as e:  # noqa: BLE001 - reported, the run goes on
+                self._on_error(path, e)
+            finally:
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Block until all submitted checkpoints are written."""
+        self._queue.join()

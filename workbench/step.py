@@ -1,0 +1,101 @@
+"""One optimizer step and one evaluation, as plain functions in causal order.
+
+No threading, no logging, no host sync: values come back as device tensors and the trainer reads
+them back in batches. Reading this file top to bottom is reading the training math.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced (device tensors; nothing has been read back yet)."""
+
+    loss: torch.Tensor            # mean loss over the step's samples, detached
+    grad_norm: torch.Tensor       # global grad norm before clipping (unscaled)
+    samples: int
+    layer_grad_norms: list[torch.Tensor] | None = None   # per parameter, when layer stats were asked for
+    layer_param_norms: list[torch.Tensor] | None = None
+    layer_update_norms: list[torch.Tensor] | None = None
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+               micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, params: list[torch.nn.Parameter],
+               device_type: str, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler,
+               grad_clip: float | None, layer_stats: bool = False) -> StepResult:
+    """Forward/backward over the micro-batches (gradient accumulation), clip, step, zero the grads.
+
+    Each micro-batch's loss is weighted by its share of the step's samples, so a short last
+    micro-batch of an epoch counts for what it is. With one micro-batch the loss is used as is.
+    """
+    total = sum(len(y) for _, y in micro_batches)
+    loss_sum = None
+    for x, y in micro_batches:
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = loss_fn(model(x), y)
+        if len(micro_batches) > 1:
+            loss = loss * (len(y) / total)
+        scaler.scale(loss).backward()
+        d = loss.detach().float()
+        loss_sum = d if loss_sum is None else loss_sum + d
+
+    # Unscale before measuring or clipping: the norm must be the true gradient's.
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=params[0].device)
+    if grad_clip is not None and grads:
+        # The same rule as clip_grad_norm_: scale every grad by min(1, clip / norm), no host sync.
+        coef = torch.clamp(grad_clip / (grad_norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+
+    before = [p.detach().clone() for p in params] if layer_stats else None
+    scaler.step(optimizer)  # skipped by the scaler when fp16 grads overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    result = StepResult(loss=loss_sum, grad_norm=grad_norm.detach(), samples=total)
+    if layer_stats:
+        with torch.no_grad():
+            result.layer_grad_norms = list(norms)
+            result.layer_param_norms = list(torch._foreach_norm([p.detach() for p in params]))
+            result.layer_update_norms = list(torch._foreach_norm(torch._foreach_sub([p.detach() for p in params],
+                                                                                    before)))
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loss_fn: Callable, batches, *, device_type: str,
+             amp_dtype: torch.dtype | None, classification: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean loss (and accuracy for classification) over ``batches``; returns device tensors.
+
+    The model is put in eval mode for the pass and restored to its previous mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.float64)
+        n = 0
+        first = True
+        for x, y in batches:
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = model(x)
+                loss = loss_fn(out, y)
+            if first:
+                loss_sum, correct, first = loss_sum.to(loss.device), correct.to(loss.device), False
+            loss_sum += loss.detach().double() * len(y)
+            if classification:
+                correct += (out.argmax(dim=-1) == y).sum().double()
+            n += len(y)
+        mean = loss_sum / max(n, 1)
+        acc = correct / max(n, 1) if classification else None
+        return mean, acc
+    finally:
+        model.train(was_training)
