@@ -158,7 +158,9 @@ def test_compaction_bounds_memory() -> None:
     assert s.stride > 1
     # the oldest part is thinned by the stride; the newest rows are at full resolution
     assert steps[1] - steps[0] == s.stride
-    assert steps[-1] - steps[-2] == 1
+    m = s._old_rows  # the old part holds appended rows 0, S, 2S, ... (uniform resolution)
+    np.testing.assert_array_equal(steps[:m], np.arange(m) * s.stride)
+    assert np.all(np.diff(steps[-cap // 2 :]) == 1)  # the newest capacity//2 rows are at full resolution
     np.testing.assert_array_equal(s.column("v"), steps * 0.5)
     assert s.appended == 1000
 

@@ -253,32 +253,19 @@ def _rows_to_tuples(
     return out
 
 
-def _frame(rows: list[tuple], spec: Mapping[str, str], extra_kinds: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """Build a DataFrame with stable dtypes: ``step``/``id`` int64, other numbers float64 (NULL -> NaN)."""
-    kinds = dict(spec)
-    if extra_kinds:
-        kinds.update(extra_kinds)
-    cols = list(kinds)
-    df = pd.DataFrame.from_records(rows, columns=cols) if rows else pd.DataFrame({c: [] for c in cols})
-    dtypes: dict[str, Any] = {}
-    for c, kind in kinds.items():
+def _frame(rows: list[tuple], spec: Mapping[str, str]) -> pd.DataFrame:
+    """Build a DataFrame with stable dtypes whatever the rows: ``step``/``id`` int64, other numbers float64
+    (NULL -> NaN), text and parsed JSON as object (NULL -> None)."""
+    columns = list(zip(*rows)) if rows else [()] * len(spec)
+    data: dict[str, Any] = {}
+    for (c, kind), vals in zip(spec.items(), columns):
         if kind == "int" and c in ("step", "id"):
-            dtypes[c] = np.int64
+            data[c] = np.array(vals, dtype=np.int64)
         elif kind in ("int", "real"):
-            dtypes[c] = np.float64
-        else:  # text and parsed JSON
-            dtypes[c] = object
-    if rows:
-        for c, dt in dtypes.items():
-            if dt is np.float64:
-                df[c] = pd.to_numeric(df[c], errors="coerce").astype(np.float64)
-            elif dt is np.int64:
-                df[c] = df[c].astype(np.int64)
-            elif dt is object:
-                df[c] = df[c].astype(object)
-    else:
-        df = df.astype(dtypes)
-    return df
+            data[c] = np.array(vals, dtype=np.float64)  # None -> NaN
+        else:
+            data[c] = pd.Series(vals, dtype=object)
+    return pd.DataFrame(data, columns=list(spec))
 
 
 def _is_missing_table(exc: sqlite3.OperationalError) -> bool:
@@ -353,11 +340,11 @@ class RunDB:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
             conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         try:
@@ -754,18 +741,21 @@ def list_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
         rec["model"] = _meta_label(meta.get("model"))
         records.append(rec)
 
-    df = pd.DataFrame.from_records(records, columns=list(LIST_RUNS_COLUMNS))
-    df = df.astype(
+    def col(name: str) -> list[Any]:
+        return [r[name] for r in records]
+
+    df = pd.DataFrame(
         {
-            "run": object,
-            "path": object,
-            "status": object,
-            "step": "Int64",
-            "best_val_loss": np.float64,
-            "started": np.float64,
-            "dataset": object,
-            "model": object,
-        }
+            "run": pd.Series(col("run"), dtype=object),
+            "path": pd.Series(col("path"), dtype=object),
+            "status": pd.Series(col("status"), dtype=object),
+            "step": pd.array(col("step"), dtype="Int64"),
+            "best_val_loss": np.array(col("best_val_loss"), dtype=np.float64),
+            "started": np.array(col("started"), dtype=np.float64),
+            "dataset": pd.Series(col("dataset"), dtype=object),
+            "model": pd.Series(col("model"), dtype=object),
+        },
+        columns=list(LIST_RUNS_COLUMNS),
     )
     if len(df):
         df = df.sort_values(["started", "run"], ascending=[False, False], kind="stable").reset_index(drop=True)

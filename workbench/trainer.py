@@ -281,7 +281,9 @@ class Trainer:
         self._last_time: float | None = None
         self._lineage: dict[str, Any] = {}
 
-        self._db.set_meta(status="idle", started=time.time(), dataset=cfg.dataset, model=cfg.model,
+        if "started" not in self._db.meta():
+            self._db.set_meta(started=time.time())
+        self._db.set_meta(status="idle", dataset=cfg.dataset, model=cfg.model,
                           seed=cfg.seed, device=str(self.device), task=task, pid=os.getpid(),
                           layer_names=self._param_names)
 
@@ -797,7 +799,11 @@ class Trainer:
         resumed = target.resolve() == orig_run.resolve()
         tr = cls(saved.replace(run_dir=str(target)), model=model, train_data=train_data, val_data=val_data,
                  loss_fn=loss_fn, task=task)
-        tr.load_state_dict(ckpt)
+        try:
+            tr.load_state_dict(ckpt)
+        except (ValueError, KeyError, TypeError) as e:
+            tr._db.close()
+            raise ck.CheckpointError(path, f"does not fit this run: {e}") from None
         step = tr.step_count
         if resumed:
             tr._db.delete_after(step)

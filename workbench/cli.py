@@ -1,0 +1,295 @@
+"""Command-line interface: ``workbench train | resume | runs``.
+
+The run/progress/summary logic lives in plain functions that take a ``Trainer`` (``run_trainer``,
+``summary``) so tests and scripts can call them without going through argparse. The main thread only
+ever reads ``trainer.snapshot()`` (and the small schedule object for the current LR); the model is
+touched by the trainer thread alone.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import pandas as pd
+import yaml
+
+from . import __version__
+from .config import TrainConfig, parse_override
+from .rundir import list_runs
+from .trainer import Trainer, TrainingFailed
+
+POLL_SECONDS = 0.2  # ~5 snapshots a second
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(ValueError):
+    """A bad command line or config (exit code 2)."""
+
+
+# ============================================================================ config
+def build_config(config_path: str | None = None, overrides: Sequence[str] = (), *, run_dir: str | None = None,
+                 runs_root: str | None = None) -> TrainConfig:
+    """The run's config: the YAML file (or the defaults), then each ``key=value`` override, then the paths.
+
+    Overrides are merged first and validated together, so their order never matters. A dotted key
+    (``model_options.depth=3``) updates one entry of a mapping field. Raises ValueError/TypeError.
+    """
+    base = TrainConfig.from_yaml(config_path) if config_path else TrainConfig()
+    values = base.to_dict()
+    fields = TrainConfig.field_names()
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in fields:
+            raise UsageError(f"--set {text!r}: unknown key {key!r}; valid keys: {', '.join(fields)}")
+        if "." in text.partition("=")[0]:
+            current = values[key]
+            if not isinstance(current, dict):
+                mappings = [f for f in fields if isinstance(values[f], dict)]
+                raise UsageError(f"--set {text!r}: {key!r} is not a mapping, so it takes no dotted key; "
+                                 f"dotted keys work for: {', '.join(mappings)}")
+            values[key] = {**current, **value}
+        else:
+            values[key] = value
+    if run_dir is not None:
+        values["run_dir"] = run_dir
+    if runs_root is not None:
+        values["runs_root"] = runs_root
+    return TrainConfig.from_dict(values)
+
+
+# ============================================================================ progress and summary
+def _finite(x: Any) -> float | None:
+    """``x`` as a float when it is a finite number, else None."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _current_lr(trainer: Trainer, snap: dict[str, Any]) -> float | None:
+    """The LR of the last step: the base LR times the schedule's factor (the model is not touched)."""
+    if _finite(snap.get("lr")) is not None:
+        return float(snap["lr"])
+    base = _finite((snap.get("controls") or {}).get("lr"))
+    if base is None:
+        return None
+    try:
+        return base * trainer.schedule.factor(max(0, int(snap.get("step") or 0) - 1))
+    except Exception:  # noqa: BLE001 - a display detail; fall back to the base LR
+        return base
+
+
+def _postfix(trainer: Trainer, snap: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's postfix: loss, lr, samples/s (those known so far)."""
+    out: dict[str, str] = {}
+    loss, lr, sps = _finite(snap.get("train_loss")), _current_lr(trainer, snap), _finite(snap.get("samples_per_s"))
+    if loss is not None:
+        out["loss"] = f"{loss:.4f}"
+    if lr is not None:
+        out["lr"] = f"{lr:.2e}"
+    if sps is not None:
+        out["samples/s"] = f"{sps:,.0f}"
+    return out
+
+
+def _quote(path: Any) -> str:
+    return shlex.quote(str(path))
+
+
+def summary(trainer: Trainer, error: str | None = None) -> str:
+    """One paragraph on how the run ended: status, steps, losses, run dir, and the resume/TensorBoard commands."""
+    snap = trainer.snapshot()
+    status, step = snap["status"], snap["step"]
+    total = snap.get("total_steps")
+    parts = [f"Run {status} at step {step}" + (f" of {total}" if total else "") + f" (epoch {snap['epoch']})."]
+    if error:
+        parts.append(f"Error: {error}.")
+    loss = _finite(snap.get("train_loss"))
+    if loss is not None:
+        parts.append(f"Final train loss {loss:.4f}.")
+    evals = trainer.evals
+    if len(evals):
+        vl = evals.dropna(subset=["val_loss"])
+        if len(vl):
+            best = vl.loc[vl["val_loss"].idxmin()]
+            parts.append(f"Best val loss {best['val_loss']:.4f} (step {int(best['step'])}).")
+        va = evals.dropna(subset=["val_acc"])
+        if len(va):
+            best = va.loc[va["val_acc"].idxmax()]
+            parts.append(f"Best val acc {best['val_acc']:.2%} (step {int(best['step'])}).")
+    run_dir = trainer.run_dir
+    parts.append(f"Run dir: {run_dir}.")
+    if status == "failed":
+        parts.append(f"The traceback is in the run's event log ({run_dir / 'run.db'}).")
+    parts.append(f"Resume: workbench resume {_quote(run_dir)} ; "
+                 f"TensorBoard: tensorboard --logdir {_quote(run_dir / 'tb')}")
+    return " ".join(parts)
+
+
+def _failure_message(e: TrainingFailed, trainer: Trainer) -> str:
+    """The user's error without the traceback (that one is in the event log)."""
+    cause = e.__cause__
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return str(e).split("\n", 1)[0]
+
+
+def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None = None, err: TextIO | None = None,
+                poll: float = POLL_SECONDS) -> int:
+    """Start ``trainer`` (unless started), show progress on ``err`` until it ends, print the summary on ``out``.
+
+    Ctrl-C asks the trainer to stop cleanly (it saves a checkpoint) and waits for it; a second Ctrl-C
+    gives up waiting. Returns the exit code: 0 finished/stopped, 1 failed, 130 abandoned.
+    """
+    from tqdm import tqdm
+
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    if not trainer.is_alive and trainer.status == "idle":
+        trainer.start()
+    snap = trainer.snapshot()
+    bar = tqdm(total=snap.get("total_steps"), initial=snap["step"], unit="step", file=err, dynamic_ncols=True,
+               disable=not progress, leave=True)
+
+    def refresh() -> None:
+        s = trainer.snapshot()
+        if s.get("total_steps") != bar.total:
+            bar.total = s.get("total_steps")
+        if s["step"] > bar.n:
+            bar.update(s["step"] - bar.n)
+        bar.set_description("paused" if s["status"] == "paused" else "", refresh=False)
+        bar.set_postfix(_postfix(trainer, s), refresh=False)
+        bar.refresh()
+
+    interrupted = False
+    try:
+        try:
+            while trainer.is_alive:
+                refresh()
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            interrupted = True
+            trainer.stop(source="cli")
+            bar.clear()
+            print("\nCtrl-C: stopping after the current step and saving a checkpoint "
+                  "(press Ctrl-C again to quit without waiting)...", file=err, flush=True)
+            try:
+                while trainer.is_alive:
+                    time.sleep(poll)
+            except KeyboardInterrupt:
+                bar.close()
+                print(f"Quit without waiting; the newest complete checkpoint is in {trainer.checkpoint_dir}. "
+                      f"Resume with: workbench resume {_quote(trainer.run_dir)}", file=err, flush=True)
+                return EXIT_INTERRUPTED
+        refresh()
+    finally:
+        bar.close()
+
+    try:
+        status = trainer.join()
+    except TrainingFailed as e:
+        msg = _failure_message(e, trainer)
+        print(f"error: training failed: {msg}", file=err, flush=True)
+        print(summary(trainer, error=msg), file=out, flush=True)
+        return EXIT_FAILED
+    if interrupted and status == "stopped":
+        print(f"Run stopped at step {trainer.step_count}. Resume it with: workbench resume {_quote(trainer.run_dir)}",
+              file=err, flush=True)
+    print(summary(trainer), file=out, flush=True)
+    return EXIT_OK if status in ("finished", "stopped") else EXIT_FAILED
+
+
+# ============================================================================ runs table
+def runs_table(root: str = "runs") -> str:
+    """The runs under ``root`` as a text table (run, status, step, best val loss, started), or a 'no runs' line."""
+    df = list_runs(root)
+    if df.empty:
+        return f"no runs under {root}"
+    started = [time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if _finite(t) is not None else "-"
+               for t in df["started"]]
+    table = pd.DataFrame({
+        "run": df["run"],
+        "status": df["status"],
+        "step": ["-" if pd.isna(s) else str(int(s)) for s in df["step"]],
+        "best val loss": [f"{v:.4f}" if _finite(v) is not None else "-" for v in df["best_val_loss"]],
+        "started": started,
+    })
+    return table.to_string(index=False)
+
+
+# ============================================================================ argparse
+def build_parser() -> argparse.ArgumentParser:
+    """The ``workbench`` argument parser."""
+    parser = argparse.ArgumentParser(prog="workbench", description="Training Workbench: train a PyTorch model and "
+                                                                   "see and steer the run while it happens.")
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="start a new run", description="Start a new training run.")
+    train.add_argument("--config", metavar="FILE", help="YAML file of config fields (default: the built-in defaults)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field (repeatable); the value is YAML, e.g. lr=3e-4, "
+                            "max_steps=null, model_options.depth=3")
+    train.add_argument("--run-dir", metavar="DIR", help="write the run into DIR (default: a new folder under --runs)")
+    train.add_argument("--runs", metavar="ROOT", help="folder for new run directories (default: the config's runs_root)")
+    train.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+
+    resume = sub.add_parser("resume", help="continue a run from its newest checkpoint",
+                            description="Continue a run from its newest intact checkpoint, in the same directory.")
+    resume.add_argument("run_dir", metavar="DIR", help="the run directory (or a checkpoint file)")
+    resume.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+
+    runs = sub.add_parser("runs", help="list runs", description="List the runs under a folder, newest first.")
+    runs.add_argument("root", nargs="?", default="runs", metavar="ROOT", help="folder holding run directories "
+                                                                              "(default: runs)")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> Trainer:
+    cfg = build_config(args.config, args.overrides, run_dir=args.run_dir, runs_root=args.runs)
+    return Trainer(cfg)
+
+
+def _cmd_resume(args: argparse.Namespace) -> Trainer:
+    path = Path(args.run_dir)
+    if not path.exists():
+        raise UsageError(f"resume: got {args.run_dir!r}, which does not exist; allowed: a run directory "
+                         f"(see `workbench runs`) or a checkpoint file")
+    return Trainer.from_checkpoint(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``workbench`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: argparse has printed its message
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "runs":
+        print(runs_table(args.root))
+        return EXIT_OK
+    try:
+        trainer = _cmd_train(args) if args.command == "train" else _cmd_resume(args)
+    except (ValueError, TypeError, yaml.YAMLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as e:
+        print(f"error: {e.filename or e}: file not found", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted before the run started", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return run_trainer(trainer, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
