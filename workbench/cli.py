@@ -27,6 +27,9 @@ POLL_SECONDS = 0.2  # ~5 snapshots a second
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+_sleep = time.sleep  # the polling pause (tests replace it to simulate Ctrl-C)
+
+
 class UsageError(ValueError):
     """A bad command line or config (exit code 2)."""
 
@@ -127,8 +130,8 @@ def summary(trainer: Trainer, error: str | None = None) -> str:
     parts.append(f"Run dir: {run_dir}.")
     if status == "failed":
         parts.append(f"The traceback is in the run's event log ({run_dir / 'run.db'}).")
-    parts.append(f"Resume: workbench resume {_quote(run_dir)} ; "
-                 f"TensorBoard: tensorboard --logdir {_quote(run_dir / 'tb')}")
+    parts.append(f"Resume with `workbench resume {_quote(run_dir)}`; "
+                 f"open TensorBoard with `tensorboard --logdir {_quote(run_dir / 'tb')}`.")
     return " ".join(parts)
 
 
@@ -172,7 +175,7 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
         try:
             while trainer.is_alive:
                 refresh()
-                time.sleep(poll)
+                _sleep(poll)
         except KeyboardInterrupt:
             interrupted = True
             trainer.stop(source="cli")
@@ -181,7 +184,7 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
                   "(press Ctrl-C again to quit without waiting)...", file=err, flush=True)
             try:
                 while trainer.is_alive:
-                    time.sleep(poll)
+                    _sleep(poll)
             except KeyboardInterrupt:
                 bar.close()
                 print(f"Quit without waiting; the newest complete checkpoint is in {trainer.checkpoint_dir}. "

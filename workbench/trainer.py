@@ -52,6 +52,7 @@ STEP_COLUMNS = ("step", "epoch", "train_loss", "lr", "batch_size", "precision", 
                 "time")
 EVAL_COLUMNS = ("step", "val_loss", "val_acc", "time")
 LAYER_COLUMNS = ("step", "layer", "grad_norm", "param_norm", "update_ratio")
+AUTO_TAGS = ("periodic", "stopped", "finished", "best")  # checkpoints that retention may delete
 
 
 class TrainingFailed(RuntimeError):
@@ -754,7 +755,7 @@ class Trainer:
         table = self._db.read_checkpoints()
         if table.empty:
             return
-        auto = table[~table["tag"].isin(["manual"]) & table["tag"].isin(["periodic", "stopped", "finished", "best"])]
+        auto = table[table["tag"].isin(AUTO_TAGS)]
         keep = set(auto.sort_values(["step", "time"]).tail(self.cfg.keep_checkpoints)["path"])
         scored = auto[auto["metric"].notna()]
         if self.cfg.keep_best and not scored.empty:

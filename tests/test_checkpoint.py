@@ -1,0 +1,266 @@
+"""Checkpoints: exact resume in a new process (also after live changes), safe loading, retention, fork."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from workbench import Trainer
+from workbench.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from workbench.rundir import RunDB
+
+from conftest import PYTHON, ROOT
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    from workbench import Trainer
+    spec = json.loads(sys.argv[1])
+    tr = Trainer.from_checkpoint(spec["resume"]) if "resume" in spec else Trainer(spec["cfg"])
+    live = {int(k): v for k, v in spec.get("live", {}).items()}
+    ids = []
+    def hook(ctx):
+        ids.append([ctx.step, int(ctx.metrics["epoch"]), list(ctx.sample_ids)])
+        if ctx.step in live:
+            tr.set(**live[ctx.step])
+        if ctx.step == spec.get("stop_at"):
+            tr.stop()
+    tr.on("step_end", hook)
+    tr.run()
+    if spec.get("ids_file"):
+        with open(spec["ids_file"], "a") as f:
+            f.write(json.dumps(ids) + "\\n")
+    print(tr.status, tr.step_count)
+""")
+
+
+def run_worker(spec: dict) -> str:
+    proc = subprocess.run([PYTHON, "-c", WORKER, json.dumps(spec)], capture_output=True, text=True, timeout=180,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def cfg_for(run_dir: Path, **kw) -> dict:
+    cfg = dict(dataset="digits", model="mlp", model_options={"width": 64, "dropout": 0.1}, max_steps=120,
+               max_epochs=None, batch_size=64, eval_every=25, seed=11, run_dir=str(run_dir), tensorboard=False)
+    cfg.update(kw)
+    return cfg
+
+
+def final_model(run_dir: Path) -> dict:
+    path = max((run_dir / "checkpoints").glob("step-00000120.pt"))
+    return load_checkpoint(path)["state"]["model"]
+
+
+def uninterrupted(run_dir: Path, live: dict, **kw) -> Trainer:
+    tr = Trainer(cfg_for(run_dir, **kw))
+
+    def hook(ctx):
+        if ctx.step in live:
+            tr.set(**live[ctx.step])
+    tr.on("step_end", hook)
+    tr.run()
+    return tr
+
+
+CASES = {
+    "plain": dict(stops=[60], live={}, kw={}),
+    "live_lr_and_batch_size_at_30": dict(stops=[60], live={30: {"lr": 3e-3, "batch_size": 50}}, kw={}),
+    "stop_mid_epoch_after_change": dict(stops=[47], live={45: {"batch_size": 17}}, kw={}),
+    "accumulate_2": dict(stops=[60], live={}, kw={"accumulate": 2}),
+    "bf16_on_cpu": dict(stops=[60], live={}, kw={"precision": "bf16"}),
+    "resumed_twice": dict(stops=[40, 80], live={30: {"lr": 2e-3}, 70: {"batch_size": 40}}, kw={}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_in_a_new_process_is_bit_identical(case, tmp_path):
+    c = CASES[case]
+    ref = uninterrupted(tmp_path / "ref", c["live"], **c["kw"])
+    assert ref.step_count == 120
+
+    run_dir = tmp_path / "run"
+    live = {str(k): v for k, v in c["live"].items()}
+    out = run_worker({"cfg": cfg_for(run_dir, **c["kw"]), "stop_at": c["stops"][0], "live": live})
+    assert out == f"stopped {c['stops'][0]}"
+    for stop in c["stops"][1:]:
+        assert run_worker({"resume": str(run_dir), "stop_at": stop, "live": live}) == f"stopped {stop}"
+    assert run_worker({"resume": str(run_dir), "live": live}) == "finished 120"
+
+    resumed = RunDB(run_dir / "run.db", readonly=True).read_steps()
+    assert resumed["step"].tolist() == list(range(1, 121))
+    assert resumed["train_loss"].tolist() == ref.history["train_loss"].tolist()
+    assert resumed["lr"].tolist() == ref.history["lr"].tolist()
+    a, b = final_model(tmp_path / "ref"), final_model(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    evals = RunDB(run_dir / "run.db", readonly=True).read_evals()
+    assert evals["val_loss"].tolist() == ref.evals["val_loss"].tolist()
+
+
+def test_every_sample_once_per_epoch_across_stop_resume_and_batch_changes(tmp_path):
+    run_dir, ids_file = tmp_path / "run", tmp_path / "ids.jsonl"
+    cfg = cfg_for(run_dir, dataset="wine", batch_size=16, max_steps=40, eval_every=0)
+    live = {"5": {"batch_size": 9}, "12": {"batch_size": 31}, "22": {"batch_size": 4}}
+    run_worker({"cfg": cfg, "stop_at": 13, "live": live, "ids_file": str(ids_file)})
+    run_worker({"resume": str(run_dir), "stop_at": 25, "live": live, "ids_file": str(ids_file)})
+    run_worker({"resume": str(run_dir), "live": live, "ids_file": str(ids_file)})
+    rows = [r for line in ids_file.read_text().splitlines() for r in json.loads(line)]
+    assert [r[0] for r in rows] == list(range(1, 41))
+    n = len(Trainer(cfg_for(tmp_path / "probe", dataset="wine")).train_data)
+    by_epoch: dict[int, list[int]] = {}
+    for _, epoch, ids in rows:
+        by_epoch.setdefault(epoch, []).extend(ids)
+    last = max(by_epoch)
+    for epoch, ids in by_epoch.items():
+        assert len(ids) == len(set(ids)), f"epoch {epoch}: a sample was seen twice"
+        if epoch != last:
+            assert sorted(ids) == list(range(n)), f"epoch {epoch}: a sample was skipped"
+
+
+def _saved_run(tmp_path: Path, steps=40, every=10) -> Trainer:
+    tr = Trainer(cfg_for(tmp_path / "run", max_steps=steps, checkpoint_every=every, keep_checkpoints=10))
+    tr.run()
+    return tr
+
+
+def test_truncated_checkpoint_is_refused_and_resume_falls_back(tmp_path):
+    tr = _saved_run(tmp_path)
+    ckdir = tr.run_dir / "checkpoints"
+    good = ckdir / "step-00000040.pt"
+    data = good.read_bytes()
+    bad = ckdir / "step-00000050.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"step-00000050\.pt.*truncated or corrupt"):
+        load_checkpoint(bad)
+    with pytest.warns(UserWarning, match=r"step-00000050\.pt.*falling back"):
+        resumed = Trainer.from_checkpoint(tr.run_dir)
+    assert resumed.step_count == 40
+    empty = ckdir / "step-00000060.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(empty)
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    tr = _saved_run(tmp_path, steps=20)
+    marker = tmp_path / "PWNED"
+    evil = tr.run_dir / "checkpoints" / "step-00000099.pt"
+    ckpt = load_checkpoint(tr.run_dir / "checkpoints" / "step-00000020.pt")
+    ckpt["state"]["extra"] = _Payload(str(marker))
+    with open(evil, "wb") as f:
+        torch.save(ckpt, f)
+    with pytest.raises(CheckpointError, match=r"step-00000099\.pt.*refused"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    with pytest.warns(UserWarning, match="step-00000099"):
+        resumed = Trainer.from_checkpoint(tr.run_dir)
+    assert resumed.step_count == 20 and not marker.exists()
+    # the plain pickle module would have run it: the test's payload is real
+    with open(evil, "rb") as f:
+        raw = f.read()
+    assert b"system" in raw
+
+
+def test_shape_mismatch_and_newer_format_are_clear_errors(tmp_path):
+    tr = _saved_run(tmp_path, steps=20)
+    path = tr.run_dir / "checkpoints" / "step-00000020.pt"
+    ckpt = load_checkpoint(path)
+    other = torch.nn.Sequential(torch.nn.Linear(64, 7), torch.nn.ReLU(), torch.nn.Linear(7, 10))
+    train, val = tr.train_data, tr.val_data
+    with pytest.raises(CheckpointError, match=r"step-00000020\.pt.*does not fit.*model"):
+        Trainer.from_checkpoint(path, model=other, train_data=train, val_data=val,
+                                loss_fn=torch.nn.CrossEntropyLoss())
+    ckpt["format_version"] = 99
+    newer = tmp_path / "newer.pt"
+    atomic_save(ckpt, newer)
+    with pytest.raises(CheckpointError, match=r"newer\.pt.*newer workbench \(format 99"):
+        load_checkpoint(newer)
+
+
+def test_atomic_save_leaves_no_partial_file_and_stale_temps_are_removed(tmp_path):
+    target = tmp_path / "ck" / "x.pt"
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+    with pytest.raises(RuntimeError):
+        atomic_save({"a": Unsaveable()}, target)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    tr = _saved_run(tmp_path, steps=10)
+    stale = tr.run_dir / "checkpoints" / ".step-00000010.pt.abc123.tmp"
+    stale.write_bytes(b"partial")
+    Trainer.from_checkpoint(tr.run_dir)
+    assert not stale.exists()
+
+
+def test_retention_keeps_newest_k_plus_best_k(tmp_path):
+    tr = Trainer(cfg_for(tmp_path / "run", max_steps=90, checkpoint_every=10, eval_every=10, keep_checkpoints=2,
+                         keep_best=1, lr=2e-2))
+    tr.run()
+    saved = tr.events[tr.events["kind"] == "checkpoint"]
+    latest = {}
+    for _, ev in saved.iterrows():
+        latest[ev["data"]["path"]] = (ev["step"], ev["data"]["metric"], ev["time"])
+    newest = sorted(latest, key=lambda p: (latest[p][0], latest[p][2]))[-2:]
+    best = sorted(latest, key=lambda p: (latest[p][1], -latest[p][0]))[:1]
+    expected = set(newest) | set(best)
+    on_disk = {str(p) for p in (tr.run_dir / "checkpoints").glob("*.pt")}
+    assert on_disk == expected
+    assert set(tr.checkpoints["path"]) == expected
+    # the best one follows the monitored metric
+    best_step = int(tr.evals.loc[tr.evals["val_loss"].idxmin(), "step"])
+    assert best_step in set(tr.checkpoints["step"])
+    manual = tr.save_checkpoint(tag="keepme")
+    assert manual.exists() and "keepme" in set(tr.checkpoints["tag"])
+
+
+def test_save_checkpoint_on_demand_while_running(tmp_path):
+    tr = Trainer(cfg_for(tmp_path / "run", max_steps=100_000))
+    tr.start()
+    path = tr.save_checkpoint(tag="midway")
+    tr.stop()
+    tr.join(20)
+    assert path.exists() and load_checkpoint(path)["step"] > 0
+
+
+def test_fork_starts_from_parent_weights_with_new_controls(tmp_path):
+    parent = _saved_run(tmp_path, steps=40, every=20)
+    at20 = parent.run_dir / "checkpoints" / "step-00000020.pt"
+    child = parent.fork(checkpoint=at20, run_dir=tmp_path / "child", lr=5e-3)
+    weights = load_checkpoint(at20)["state"]["model"]
+    assert all(torch.equal(child.model.state_dict()[k], weights[k]) for k in weights)
+    assert child.step_count == 20 and child.run_dir == tmp_path / "child"
+    assert child.lineage == {"parent_run": str(parent.run_dir), "parent_step": 20, "parent_checkpoint": str(at20)}
+    meta = RunDB(child.run_dir / "run.db", readonly=True).meta()
+    assert meta["parent_run"] == str(parent.run_dir) and meta["parent_step"] == 20
+    child.run()
+    h = child.history.set_index("step")
+    assert list(h.index) == list(range(1, 41))
+    assert h.loc[20, "train_loss"] == parent.history.set_index("step").loc[20, "train_loss"]
+    assert h.loc[21, "lr"] == pytest.approx(5e-3) and h.loc[20, "lr"] == pytest.approx(1e-3)
+    ev = child.events
+    assert ((ev["kind"] == "control") & (ev["step"] == 21)).any()
+    assert ((ev["kind"] == "fork") & (ev["step"] == 20)).any()
+    # default: fork from the newest checkpoint
+    child2 = parent.fork(run_dir=tmp_path / "child2", batch_size=32)
+    assert child2.step_count == 40
+
+
+def test_old_torch_is_refused():
+    code = "import torch; torch.__version__ = '2.5.1'; import workbench"
+    proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode != 0 and "CVE-2025-32434" in proc.stderr
