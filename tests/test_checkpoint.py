@@ -264,3 +264,13 @@ def test_old_torch_is_refused():
     code = "import torch; torch.__version__ = '2.5.1'; import workbench"
     proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode != 0 and "CVE-2025-32434" in proc.stderr
+
+
+def test_config_that_disagrees_with_the_checkpoint_is_reported_field_by_field(tmp_path):
+    tr = _saved_run(tmp_path, steps=20)
+    given = dict(cfg_for(tr.run_dir, max_steps=20, checkpoint_every=10, keep_checkpoints=10), lr=0.5, batch_size=8)
+    with pytest.warns(UserWarning) as record:
+        resumed = Trainer.from_checkpoint(tr.run_dir, cfg=given)
+    text = " ".join(str(w.message) for w in record)
+    assert "lr: checkpoint 0.001, given 0.5" in text and "batch_size: checkpoint 64, given 8" in text
+    assert resumed.controls.lr == 1e-3
