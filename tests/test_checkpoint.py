@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,8 @@ def test_retention_keeps_newest_k_plus_best_k(tmp_path):
 def test_save_checkpoint_on_demand_while_running(tmp_path):
     tr = Trainer(cfg_for(tmp_path / "run", max_steps=100_000))
     tr.start()
+    while tr.step_count < 5:
+        time.sleep(0.01)
     path = tr.save_checkpoint(tag="midway")
     tr.stop()
     tr.join(20)

@@ -20,6 +20,7 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine", "step", "plateau", "onecycle
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 LOSSES = ("auto", "cross_entropy", "mse")
 MONITOR_MODES = ("min", "max")
+DIVERGENCE_POLICIES = ("pause", "rollback", "stop", "ignore")
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:
@@ -130,6 +131,14 @@ class TrainConfig:
     layer_every: int = 25
     sync_every: int = 50
     tensorboard: bool = True
+    # diagnosis (workbench.diagnosis) and what to do when a run diverges
+    diagnose: bool = True
+    diagnosis_options: dict = field(default_factory=dict)
+    on_divergence: str = "pause"
+    rollback_lr_factor: float = 0.1
+    max_rollbacks: int = 3
+    good_state_every: int = 50
+    good_states: int = 3
     # reproducibility and placement
     seed: int | None = None
     run_dir: str | None = None
@@ -149,12 +158,12 @@ class TrainConfig:
                 raise TypeError(f"{name}: got {v!r}; allowed: a string or None")
         if self.run_dir is not None:
             self.run_dir = str(self.run_dir)
-        for name in ("dataset_options", "model_options", "schedule_options"):
+        for name in ("dataset_options", "model_options", "schedule_options", "diagnosis_options"):
             if not isinstance(getattr(self, name), Mapping):
                 raise TypeError(f"{name}: got {getattr(self, name)!r}; allowed: a mapping of option -> value")
             setattr(self, name, dict(getattr(self, name)))
         self.val_fraction = check_number("val_fraction", self.val_fraction, minimum=0.0, maximum=0.9)
-        for name in ("normalize", "linear_scaling", "tensorboard"):
+        for name in ("normalize", "linear_scaling", "tensorboard", "diagnose"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: got {getattr(self, name)!r}; allowed: true or false")
         self.loss = check_choice("loss", self.loss, LOSSES)
@@ -182,6 +191,12 @@ class TrainConfig:
         self.keep_best = check_int("keep_best", self.keep_best, minimum=0)
         self.layer_every = check_int("layer_every", self.layer_every, minimum=0)
         self.sync_every = check_int("sync_every", self.sync_every, minimum=1)
+        self.on_divergence = check_choice("on_divergence", self.on_divergence, DIVERGENCE_POLICIES)
+        self.rollback_lr_factor = check_number("rollback_lr_factor", self.rollback_lr_factor, positive=True,
+                                               maximum=1.0)
+        self.max_rollbacks = check_int("max_rollbacks", self.max_rollbacks, minimum=0)
+        self.good_state_every = check_int("good_state_every", self.good_state_every, minimum=1)
+        self.good_states = check_int("good_states", self.good_states, minimum=1)
         self.seed = check_int("seed", self.seed, minimum=0, maximum=2**32 - 1, allow_none=True)
         if not isinstance(self.runs_root, (str, os.PathLike)):
             raise TypeError(f"runs_root: got {self.runs_root!r}; allowed: a folder path")
@@ -196,6 +211,9 @@ class TrainConfig:
         from .schedules import check_schedule_options  # local: schedules imports this module
 
         check_schedule_options(self.schedule, self.schedule_options)
+        from .diagnosis import default_detectors  # validates detector names and options
+
+        default_detectors(self.diagnosis_options)
         return self
 
     # ----------------------------------------------------------------- conversion

@@ -20,7 +20,7 @@ from .config import PRECISIONS, check_choice, check_int, check_number
 
 CONTROL_NAMES = ("lr", "batch_size", "precision", "grad_clip", "accumulate", "weight_decay")
 SOURCES = ("api", "notebook", "dashboard", "cli", "policy")
-ACTIONS = ("set", "pause", "resume", "step", "stop", "checkpoint")
+ACTIONS = ("set", "pause", "resume", "step", "stop", "checkpoint", "rollback", "dismiss")
 
 _precision_cache: dict[tuple[str, str], str | None] = {}
 

@@ -348,6 +348,15 @@ class SeriesStore:
         with self._lock:
             return self._data[j, : self._n].copy()
 
+    def tail(self, n: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Copies of the last ``n`` stored rows of some columns (cheap: O(n), not O(len))."""
+        cols = list(self.columns if names is None else names)
+        idx = [self._col(c) for c in cols]
+        with self._lock:
+            lo = max(0, self._n - int(n))
+            block = self._data[idx, lo: self._n].copy()
+        return {c: block[k] for k, c in enumerate(cols)}
+
     def frame(self) -> pd.DataFrame:
         """A snapshot copy of all rows as a DataFrame, columns in declaration order."""
         with self._lock:

@@ -36,6 +36,7 @@ from .config import TrainConfig, check_int
 from .controls import (CONTROL_NAMES, SOURCES, Controls, Request, check_source, precision_problem, resolve_precision,
                        same_value, validate_controls)
 from .data import load_dataset
+from .diagnosis import ActivationProbe, Alert, Diagnoser, Signals, default_detectors
 from .hooks import HookContext, HookHandle, HookRegistry, frozen
 from .metrics import SeriesStore
 from .models import build_model
@@ -45,6 +46,9 @@ from .sampler import BatchFetcher, EpochSampler
 from .schedules import Schedule
 from .step import AMP_DTYPES, evaluate, train_step
 
+DIAGNOSIS_TICK = 5          # detectors' schedules are multiples of this many steps
+DIAGNOSIS_WINDOW = 2000     # history rows detectors see
+ROLLBACK_KEYS = ("model", "optimizer", "schedule", "scaler", "rng", "early_stopping")
 STATUSES = ("idle", "running", "paused", "stopped", "finished", "failed")
 PRECISION_CODES = {"fp32": 0, "bf16": 1, "fp16": 2}
 PRECISION_NAMES = {v: k for k, v in PRECISION_CODES.items()}
@@ -132,16 +136,6 @@ class ScalerHolder:
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=bool(state["enabled"]))
         if state["enabled"] and state["state"]:
             self.scaler.load_state_dict(state["state"])
-
-
-class NoDetectors:
-    """Placeholder component for diagnosis state: nothing to save yet (a null object, not a branch)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
 
 
 def _build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -242,11 +236,11 @@ class Trainer:
         self._scaler = ScalerHolder(self.device.type, precision)
         self.sampler = EpochSampler(len(train_data), cfg.seed)
         self._early = EarlyStopping(cfg.early_stopping_patience, cfg.monitor_mode, cfg.min_delta)
-        self.detectors = NoDetectors()
+        self._diagnoser = Diagnoser(default_detectors(cfg.diagnosis_options))
         self._stateful: dict[str, Any] = {
             "model": self.model, "optimizer": self.optimizer, "schedule": self.schedule, "scaler": self._scaler,
             "controls": self.controls, "sampler": self.sampler, "rng": ck.RNGState(),
-            "early_stopping": self._early, "detectors": self.detectors}
+            "early_stopping": self._early, "detectors": self._diagnoser}
         assert tuple(self._stateful) == ck.STATE_KEYS
         self._fetch = BatchFetcher(train_data, self.device)
         self._val_fetch = BatchFetcher(val_data, self.device) if val_data is not None and len(val_data) else None
@@ -260,7 +254,12 @@ class Trainer:
         self._layer_store = SeriesStore(LAYER_COLUMNS)
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
-        self.alerts: list[Any] = []
+        self._initial_losses: list[float] = []   # the first steps' losses: the baseline detectors compare with
+        self._latest_layers: dict[str, Any] | None = None
+        self._urgent = False                      # a non-finite value arrived: check divergence now
+        self._good_states: deque[tuple[int, dict]] = deque(maxlen=cfg.good_states)
+        self._rollbacks = 0
+        self._probe: ActivationProbe | None = None
         self.last_eval: dict[str, float] = {}
         self._pending: list[tuple] = []   # steps whose device values are not read back yet
         self._sync_every = 1 if self.device.type == "cpu" else cfg.sync_every
@@ -379,6 +378,54 @@ class Trainer:
         """Call ``fn(context)`` on the trainer thread at ``event``: step_end, eval_end, checkpoint, alert, status."""
         return self._hooks.add(event, fn)
 
+    # ================================================================= public API: diagnosis
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert raised in this run (dismissed ones included, marked so)."""
+        return list(self._diagnoser.alerts)
+
+    def diagnose(self) -> dict[str, Any]:
+        """The open alerts plus a short health summary (healthy, warning or critical)."""
+        summary = self._diagnoser.summary()
+        current = self._diagnoser.current()
+        if current:
+            parts = [f"{a.kind} ({a.severity}, step {a.step})" for a in current]
+            text = f"{len(current)} open alert(s): " + ", ".join(parts)
+        else:
+            text = f"No problems detected in {self.step_count} steps."
+        return {**summary, "alerts": current, "summary": text}
+
+    def dismiss(self, alert_id: int, source: str = "api") -> Request:
+        """Mark an alert a false alarm; its detector backs off for the rest of this run (recorded)."""
+        self._diagnoser.find(alert_id)  # validates the id now
+        return self._post(Request("dismiss", n=int(alert_id), source=check_source(source)))
+
+    def apply_action(self, alert_id: int, index: int = 0, source: str = "api") -> Request:
+        """Apply an alert's suggested action: its controls through ``set`` (after a rollback if it asks)."""
+        alert = self._diagnoser.find(alert_id)
+        if not 0 <= index < len(alert.actions):
+            raise ValueError(f"index: got {index!r}; allowed: 0 to {len(alert.actions) - 1}")
+        action = alert.actions[index]
+        if not action.applicable:
+            raise ValueError(f"action {action.label!r} is advice for the next run ({action.hint}); nothing to apply")
+        if action.rollback:
+            controls = validate_controls(action.controls, n_train=len(self.train_data), device=self.device) \
+                if action.controls else {}
+            return self._post(Request("rollback", controls=controls, source=check_source(source)))
+        return self.set(source=source, **action.controls)
+
+    def lr_find(self, **options: Any) -> Any:
+        """LR range test (Smith 2017, fastai's valley rule) on copies; see ``workbench.finders.lr_find``."""
+        from .finders import lr_find
+
+        return lr_find(self, **options)
+
+    def find_batch_size(self, **options: Any) -> int:
+        """Largest batch that fits (accelerate-style halving on OOM); see ``workbench.finders.find_batch_size``."""
+        from .finders import find_batch_size
+
+        return find_batch_size(self, **options)
+
     # ================================================================= public API: data views
     @property
     def history(self) -> pd.DataFrame:
@@ -435,6 +482,9 @@ class Trainer:
         self._set_status("paused" if self._paused else "running", "api")
         reason, source = "finished", "api"
         try:
+            if self.cfg.diagnose:
+                for alert in self._diagnoser.preflight(self.train_data, self.val_data, self.task):
+                    self._raise_alert(alert)
             while True:
                 if not self._boundary():
                     reason, source = "stopped", self._stop_request.source if self._stop_request else "api"
@@ -512,6 +562,10 @@ class Trainer:
         pending, self._pending = self._pending, []
         values = torch.stack([torch.stack([p[2].float(), p[3].float()]) for p in pending]).tolist()
         for p, (loss, gn) in zip(pending, values):
+            if len(self._initial_losses) < 10 and math.isfinite(loss):
+                self._initial_losses.append(loss)
+            if not (math.isfinite(loss) and (math.isfinite(gn) or p[6] == PRECISION_CODES["fp16"])):
+                self._urgent = True
             row = {"step": p[0], "epoch": p[1], "train_loss": loss, "lr": p[4], "batch_size": p[5],
                    "precision": p[6], "grad_norm": gn, "samples_per_s": p[7], "time": p[8]}
             self._store.append(row)
@@ -520,6 +574,12 @@ class Trainer:
     def _record_layers(self, r: Any) -> None:
         stats = torch.stack([torch.stack(r.layer_grad_norms), torch.stack(r.layer_param_norms),
                              torch.stack(r.layer_update_norms)]).float().tolist()
+        g, pn, u = (np.asarray(v) for v in stats)
+        with np.errstate(all="ignore"):
+            ratio = np.where(pn > 0, u / pn, np.nan)
+        self._latest_layers = {"step": self.step_count, "name": np.asarray(self._param_names),
+                               "grad_norm": g, "param_norm": pn, "update_ratio": ratio,
+                               "is_matrix": np.asarray([p.dim() >= 2 for p in self._params])}
         for i, name in enumerate(self._param_names):
             g, p, u = stats[0][i], stats[1][i], stats[2][i]
             ratio = u / p if p > 0 else float("nan")
@@ -545,6 +605,10 @@ class Trainer:
             finish = self._evaluate()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self._save_checkpoint(tag=None, reason="periodic", source="trainer")
+        if cfg.diagnose and (self._urgent or step % DIAGNOSIS_TICK == 0):
+            self._diagnose(after_eval=False)
+        if cfg.on_divergence == "rollback" and step % cfg.good_state_every == 0:
+            self._keep_good_state()
         return finish
 
     def _evaluate(self) -> bool:
@@ -570,6 +634,8 @@ class Trainer:
         if improved and self.cfg.keep_best > 0:
             self._save_checkpoint(tag="best", reason="best", source="trainer", metric=metric)
         self._hooks.fire("eval_end", lambda: self._context("eval_end", self.last_eval))
+        if self.cfg.diagnose:
+            self._diagnose(after_eval=True)
         if patience_out:
             self._log_event("early_stop", "trainer", {"monitor": self.cfg.monitor, "best": self._early.best,
                                                       "best_step": self._early.best_step,
@@ -633,7 +699,18 @@ class Trainer:
                 self._log_event("command", req.source, {"action": "stop"}, step=self.step_count)
             elif req.action == "checkpoint":
                 path = self._save_checkpoint(tag=req.tag or "manual", reason="manual", source=req.source)
+                if path is None:
+                    raise ValueError("the model's weights are not finite (NaN/inf); a checkpoint was not saved")
                 req.resolve("applied", self.step_count, str(path), result=path)
+            elif req.action == "rollback":
+                if not self._rollback(source=req.source, lr=req.controls.get("lr")):
+                    raise ValueError("no good state to roll back to (no finite in-memory state or checkpoint)")
+                req.resolve("applied", next_step)
+            elif req.action == "dismiss":
+                alert = self._diagnoser.dismiss(req.n)
+                self._log_event("dismiss", req.source, {"alert": alert.id, "kind": alert.kind,
+                                                        "muted": alert.detector}, step=self.step_count)
+                req.resolve("applied", self.step_count)
         except Exception as e:  # noqa: BLE001 - a refused request never harms the run
             req.resolve("refused", next_step, f"{type(e).__name__}: {e}")
             self._log_event("refused", req.source, {"action": req.action, "controls": req.controls,
@@ -725,14 +802,18 @@ class Trainer:
         self.step_count = int(ckpt["step"])
         self._scaler.use(self.controls.precision)
 
-    def _save_checkpoint(self, *, tag: str | None, reason: str, source: str, metric: float | None = None) -> Path:
-        """Copy the state to host memory here; write it on the writer thread (atomic rename)."""
+    def _save_checkpoint(self, *, tag: str | None, reason: str, source: str,
+                         metric: float | None = None) -> Path | None:
+        """Copy the state to host memory here; write it on the writer thread (atomic rename).
+
+        Returns None (and logs why) when the weights are not finite: such a state is never saved.
+        """
         self._flush_pending()
         state = self.state_dict()
         if ck.has_nonfinite(state["state"]["model"]):
             self._log_event("checkpoint_skipped", source, {"reason": "the weights hold NaN/inf; a good "
                                                                      "checkpoint is never overwritten by them"})
-            raise ValueError("checkpoint: the model's weights are not finite (NaN/inf); not saved")
+            return None
         state = ck.to_cpu(state)
         path = self.checkpoint_dir / ck.checkpoint_name(self.step_count, tag)
         if metric is None and self.last_eval:
@@ -854,6 +935,8 @@ class Trainer:
         """Fill the in-memory stores and event list from the run's SQLite file (after resume/fork)."""
         steps = self._db.read_steps()
         if not steps.empty:
+            first = steps["train_loss"].to_numpy(dtype=float)[:10]
+            self._initial_losses = [float(v) for v in first if math.isfinite(v)]
             steps = steps.copy()
             steps["precision"] = steps["precision"].map(PRECISION_CODES).fillna(0)
             self._store.extend({c: steps[c].to_numpy(dtype=float) for c in STEP_COLUMNS})
@@ -876,6 +959,104 @@ class Trainer:
         with self._events_lock:
             self._events = [{k: r[k] for k in ("time", "step", "kind", "source", "data")}
                             for r in events.to_dict("records")]
+
+    # ================================================================= diagnosis (trainer thread)
+    def _signals(self) -> Signals:
+        if self._probe is None:
+            n = min(256, len(self.train_data))
+            x, _ = self._fetch.fetch(torch.arange(n))
+            self._probe = ActivationProbe(self.model, x if isinstance(x, torch.Tensor) else None)
+        initial = float(np.median(self._initial_losses)) if len(self._initial_losses) >= 3 else None
+        return Signals(step=self.step_count,
+                       history=self._store.tail(DIAGNOSIS_WINDOW, ("step", "train_loss", "grad_norm", "lr")),
+                       evals=self._eval_store.tail(10_000, ("step", "val_loss", "val_acc")),
+                       layers=self._latest_layers, task=self.task, n_classes=self.data_info.get("n_classes")
+                       if self.data_info else _n_classes(self.train_data, self.task),
+                       planned_steps=self._planned_steps(), controls=self.controls.state_dict(),
+                       initial_loss=initial, probe_activations=self._probe)
+
+    def _diagnose(self, after_eval: bool) -> None:
+        """Run the detectors that are due; raise the alerts that start a new episode."""
+        self._flush_pending()
+        names = self._diagnoser.due(self.step_count, after_eval)
+        if self._urgent and "divergence" not in names and "divergence" not in self._diagnoser.muted:
+            names.append("divergence")
+        self._urgent = False
+        if not names:
+            return
+        for alert in self._diagnoser.run(names, self._signals()):
+            self._raise_alert(alert)
+
+    def _raise_alert(self, alert: Alert) -> None:
+        self._log_event("alert", "trainer", alert.to_dict(), step=alert.step)
+        self._hooks.fire("alert", lambda: self._context("alert", {}, data=alert.to_dict()))
+        if alert.kind == "divergence":
+            self._on_divergence(alert)
+
+    def _on_divergence(self, alert: Alert) -> None:
+        """The run's divergence policy: pause (explain), rollback (PaLM/OPT), stop, or ignore."""
+        policy = self.cfg.on_divergence
+        if policy == "rollback":
+            if self._rollbacks < self.cfg.max_rollbacks and self._rollback(source="policy"):
+                return
+            policy = "pause"
+            self._log_event("policy", "policy", {"policy": "rollback", "outcome": "gave up; pausing",
+                                                 "rollbacks": self._rollbacks})
+        if policy == "pause" and not self._paused:
+            self._paused, self._steps_allowed = True, 0
+            self._set_status("paused", "policy")
+            self._log_event("policy", "policy", {"policy": "pause", "alert": alert.id,
+                                                 "why": "the run diverged; read the alert, then change a "
+                                                        "control, roll back, or stop"})
+        elif policy == "stop" and self._stop_request is None:
+            self._stop_request = Request("stop", source="policy")
+            self._log_event("policy", "policy", {"policy": "stop", "alert": alert.id})
+
+    def _keep_good_state(self) -> None:
+        """Keep a cheap in-memory copy of the state (on the device) when the last loss is finite."""
+        last = self._store.last()
+        if last is None or not math.isfinite(last["train_loss"]) or self._diagnoser.active.get("divergence"):
+            return
+        state = {k: _clone(self._stateful[k].state_dict()) for k in ROLLBACK_KEYS}
+        if not ck.has_nonfinite(state["model"]):
+            self._good_states.append((self.step_count, state))
+
+    def _rollback(self, source: str, lr: float | None = None) -> bool:
+        """Restore the last good state, keep the data stream where it is (the batches around the spike are
+        skipped), lower the lr by ``rollback_lr_factor`` (or set ``lr``). False when there is nothing to go
+        back to. The step counter keeps counting up, so the history stays one line."""
+        # the newest state from before the detection window; newer ones may already be on the way up
+        earlier = [t for t in self._good_states if t[0] <= self.step_count - 5]
+        target = earlier[-1] if earlier else (self._good_states[0] if self._good_states else None)
+        if target is not None:
+            while self._good_states and self._good_states[-1][0] > target[0]:
+                self._good_states.pop()
+        if target is None:
+            for step, path in ck.checkpoint_files(self.checkpoint_dir):
+                try:
+                    ckpt = ck.load_checkpoint(path, map_location=self.device)
+                except ck.CheckpointError:
+                    continue
+                if not ck.has_nonfinite(ckpt["state"]["model"]):
+                    target = (step, {k: ckpt["state"][k] for k in ROLLBACK_KEYS})
+                    break
+        if target is None:
+            return False
+        step, state = target
+        for k in ROLLBACK_KEYS:
+            self._stateful[k].load_state_dict(_clone(state[k]))
+        self._scaler.use(self.controls.precision)
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.controls.weight_decay
+        old_lr = self.controls.lr
+        new_lr = lr if lr is not None else old_lr * self.cfg.rollback_lr_factor
+        self.controls.lr = new_lr
+        self._rollbacks += 1
+        self._log_event("rollback", source, {"from_step": self.step_count, "to_state_of_step": step,
+                                             "lr_old": old_lr, "lr_new": new_lr, "rollbacks": self._rollbacks},
+                        step=self.step_count + 1)
+        self._log_event("control", source, {"field": "lr", "old": old_lr, "new": new_lr}, step=self.step_count + 1)
+        return True
 
     # ================================================================= helpers
     def _planned_steps(self) -> int | None:
@@ -931,6 +1112,25 @@ def _as_config(cfg: Any, overrides: Mapping[str, Any]) -> TrainConfig:
     else:
         raise TypeError(f"cfg: got {type(cfg).__name__}; allowed: TrainConfig, a mapping, a YAML path or None")
     return base.replace(**overrides) if overrides else base
+
+
+def _clone(obj: Any) -> Any:
+    """Deep copy with tensors cloned on their device (fast in-memory snapshots)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _n_classes(data: Dataset, task: str) -> int | None:
+    if task != "classification":
+        return None
+    if isinstance(data, TensorDataset):
+        return int(data.tensors[1].max()) + 1
+    return None
 
 
 def _infer_task(loss_fn: Callable | None, data: Dataset, loss: str) -> str:

@@ -1,0 +1,102 @@
+"""The detector contract and the read-only signals detectors look at.
+
+A detector is a small class: ``kind``, a schedule (``every`` steps, or ``on_eval``), and ``check(signals)``
+that returns an Alert or None. Counters live in the instance and are reset in ``reset()``; everything
+that must survive a resume is in ``state_dict()``. Detectors read the metric store, never the model
+(the dead-unit instrument is the one exception, through ``Signals.probe_activations``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .alert import Alert
+
+
+@dataclass
+class Signals:
+    """What detectors may read at a check: recent history, evals, latest per-layer stats, run facts."""
+
+    step: int
+    history: Mapping[str, np.ndarray]          # last W rows: step, train_loss, grad_norm, lr, precision codes
+    evals: Mapping[str, np.ndarray]            # all evals so far (few): step, val_loss, val_acc
+    layers: Mapping[str, np.ndarray] | None    # latest layer stats: name (array of str), grad_norm, param_norm, update_ratio
+    task: str
+    n_classes: int | None
+    planned_steps: int | None
+    controls: Mapping[str, Any]
+    initial_loss: float | None                  # median train loss of the first steps (baseline)
+    probe_activations: Callable[[], dict[str, np.ndarray]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chance_loss(self) -> float | None:
+        """Cross-entropy of a uniform guess, log(C): a classifier stuck there has learnt nothing."""
+        return math.log(self.n_classes) if self.task == "classification" and self.n_classes else None
+
+
+UNCHANGED = object()
+"""Returned by ``check`` when there is no new evidence (e.g. layer stats not refreshed since the last check):
+the episode neither continues nor counts as quiet."""
+
+
+class Detector:
+    """Base class: subclasses set ``kind`` and implement ``check``; ``every``/``on_eval`` schedule them."""
+
+    kind: str = ""
+    every: int = 10           # run every N steps (0: never on the step schedule)
+    on_eval: bool = False     # run after each evaluation
+    min_step: int = 0         # stay quiet before this step (warm-up)
+
+    def __init__(self, **options: Any) -> None:
+        for k, v in options.items():
+            if not hasattr(self, k) or k.startswith("_"):
+                raise ValueError(f"{type(self).__name__}: unknown option {k!r}")
+            setattr(self, k, v)
+        self.reset()
+
+    def reset(self) -> None:
+        """Counters in one place."""
+        self.streak = 0
+
+    def should_check(self, step: int, after_eval: bool) -> bool:
+        if step < self.min_step:
+            return False
+        return (self.on_eval and after_eval) or (not self.on_eval and self.every > 0 and step % self.every == 0)
+
+    def check(self, s: Signals) -> Any:  # pragma: no cover - abstract (Alert, None or UNCHANGED)
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def finite(a: np.ndarray) -> np.ndarray:
+    return a[np.isfinite(a)]
+
+
+def ema(values: np.ndarray, beta: float = 0.9) -> np.ndarray:
+    """Bias-corrected exponential moving average."""
+    out = np.empty(len(values))
+    acc = 0.0
+    for i, v in enumerate(values):
+        acc = beta * acc + (1 - beta) * v
+        out[i] = acc / (1 - beta ** (i + 1))
+    return out
+
+
+def fmt(x: float) -> str:
+    """Numbers for evidence strings: short, readable."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return str(x)
+    ax = abs(x)
+    if ax != 0 and (ax < 1e-3 or ax >= 1e4):
+        return f"{x:.2e}"
+    return f"{x:.3g}" if ax < 10 else f"{x:.4g}"
