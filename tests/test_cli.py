@@ -226,3 +226,20 @@ def test_sigint_to_a_real_process_stops_the_run(tmp_path: Path) -> None:
     assert "Run stopped" in out
     assert meta_status(run_dir) == "stopped"
     assert list((run_dir / "checkpoints").glob("step-*.pt"))
+
+
+def test_scenario_runs_from_the_cli_and_reports_its_alert(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "train", "--scenario", "lr_too_high", "--no-progress",
+                           "--runs", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Watch for:" in proc.stderr and "[critical] divergence" in proc.stderr
+    assert "stopping it here" in proc.stderr
+    listing = subprocess.run([sys.executable, "-m", "workbench.cli", "scenarios"], capture_output=True, text=True,
+                             timeout=60)
+    assert listing.returncode == 0 and "deep_sigmoid" in listing.stdout and "vanishing_gradients" in listing.stdout
+    bad = subprocess.run([sys.executable, "-m", "workbench.cli", "train", "--scenario", "nope"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "allowed: lr_too_high" in bad.stderr

@@ -36,13 +36,20 @@ class UsageError(ValueError):
 
 # ============================================================================ config
 def build_config(config_path: str | None = None, overrides: Sequence[str] = (), *, run_dir: str | None = None,
-                 runs_root: str | None = None) -> TrainConfig:
+                 runs_root: str | None = None, scenario: str | None = None) -> TrainConfig:
     """The run's config: the YAML file (or the defaults), then each ``key=value`` override, then the paths.
 
     Overrides are merged first and validated together, so their order never matters. A dotted key
     (``model_options.depth=3``) updates one entry of a mapping field. Raises ValueError/TypeError.
     """
-    base = TrainConfig.from_yaml(config_path) if config_path else TrainConfig()
+    if scenario is not None and config_path:
+        raise UsageError("train: give either --scenario or --config, not both")
+    if scenario is not None:
+        from .scenarios import scenario_config
+
+        base = scenario_config(scenario)
+    else:
+        base = TrainConfig.from_yaml(config_path) if config_path else TrainConfig()
     values = base.to_dict()
     fields = TrainConfig.field_names()
     for text in overrides:
@@ -171,10 +178,26 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
         bar.refresh()
 
     interrupted = False
+    shown: set[int] = set()
+
+    def report_alerts() -> None:
+        """Print each new alert above the bar; a run paused by the divergence policy is stopped (no live
+        controls here: use on_divergence=rollback to recover automatically)."""
+        for a in trainer.alerts:
+            if a.id not in shown:
+                shown.add(a.id)
+                bar.write(f"[{a.severity}] {a.kind} at step {a.step}: {a.message}\n    evidence: {a.evidence}",
+                          file=err)
+        if trainer.status == "paused" and any(a.kind == "divergence" and not a.dismissed for a in trainer.alerts):
+            bar.write("The run diverged and the divergence policy paused it; stopping it here (set "
+                      "on_divergence=rollback to roll back and lower the lr automatically).", file=err)
+            trainer.stop(source="cli")
+
     try:
         try:
             while trainer.is_alive:
                 refresh()
+                report_alerts()
                 _sleep(poll)
         except KeyboardInterrupt:
             interrupted = True
@@ -236,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="start a new run", description="Start a new training run.")
     train.add_argument("--config", metavar="FILE", help="YAML file of config fields (default: the built-in defaults)")
+    train.add_argument("--scenario", metavar="NAME", help="start from a teaching scenario's config "
+                                                          "(see `workbench scenarios`)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field (repeatable); the value is YAML, e.g. lr=3e-4, "
                             "max_steps=null, model_options.depth=3")
@@ -248,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", metavar="DIR", help="the run directory (or a checkpoint file)")
     resume.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
 
+    sub.add_parser("scenarios", help="list the teaching scenarios",
+                   description="List the teaching scenarios: what each shows and which alert it should raise.")
+
     runs = sub.add_parser("runs", help="list runs", description="List the runs under a folder, newest first.")
     runs.add_argument("root", nargs="?", default="runs", metavar="ROOT", help="folder holding run directories "
                                                                               "(default: runs)")
@@ -255,8 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> Trainer:
-    cfg = build_config(args.config, args.overrides, run_dir=args.run_dir, runs_root=args.runs)
+    cfg = build_config(args.config, args.overrides, run_dir=args.run_dir, runs_root=args.runs,
+                       scenario=args.scenario)
+    if args.scenario:
+        from .scenarios import get
+
+        sc = get(args.scenario)
+        print(f"Scenario {sc.name}: {sc.title}.\nWatch for: {sc.watch}"
+              + (f"\nExpected alert: {sc.expect}." if sc.expect else "\nExpected: no warnings."), file=sys.stderr)
     return Trainer(cfg)
+
+
+def scenarios_table() -> str:
+    """The teaching scenarios as text: name, expected alert, title."""
+    from .scenarios import SCENARIOS
+
+    rows = [f"{s.name:22s} {s.expect or '(healthy)':22s} {s.title}" for s in SCENARIOS.values()]
+    return "\n".join([f"{'scenario':22s} {'expected alert':22s} what it shows"] + rows)
 
 
 def _cmd_resume(args: argparse.Namespace) -> Trainer:
@@ -279,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "runs":
         print(runs_table(args.root))
+        return EXIT_OK
+    if args.command == "scenarios":
+        print(scenarios_table())
         return EXIT_OK
     try:
         trainer = _cmd_train(args) if args.command == "train" else _cmd_resume(args)

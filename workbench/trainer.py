@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from . import checkpoint as ck
+from . import cputhreads
 from .config import TrainConfig, check_int
 from .controls import (CONTROL_NAMES, SOURCES, Controls, Request, check_source, precision_problem, resolve_precision,
                        same_value, validate_controls)
@@ -305,6 +306,7 @@ class Trainer:
                                f"to continue a paused run, or Trainer.from_checkpoint / fork for a new one")
         self._paused = paused
         self._recorder.start()
+        self._hand_over()
         self._thread = threading.Thread(target=self._run, name="workbench-trainer", daemon=True)
         self._thread.start()
         return self
@@ -315,11 +317,13 @@ class Trainer:
 
     def resume(self, source: str = "api") -> Request:
         """Continue a paused run."""
+        self._hand_over()
         return self._post(Request("resume", source=check_source(source)))
 
     def step(self, n: int = 1, source: str = "api") -> Request:
         """While paused, run exactly ``n`` optimizer steps, then pause again (``.wait()`` until done)."""
         n = check_int("n", n, minimum=1)
+        self._hand_over()
         return self._post(Request("step", n=n, source=check_source(source)))
 
     def stop(self, source: str = "api") -> Request:
@@ -480,6 +484,8 @@ class Trainer:
     # ================================================================= the loop (trainer thread)
     def _run(self) -> None:
         self._set_status("paused" if self._paused else "running", "api")
+        if self.device.type == "cpu":
+            self._log_event("cpu_threads", "trainer", cputhreads.describe())
         reason, source = "finished", "api"
         try:
             if self.cfg.diagnose:
@@ -514,6 +520,13 @@ class Trainer:
             self._refuse_pending(f"the run ended ({reason})")
             self._set_status(reason, "trainer")
             self._recorder.close()
+
+    def _hand_over(self) -> None:
+        """Before the trainer thread runs torch work, the calling thread gives back its idle OpenMP
+        workers: two OpenMP teams on few cores make libgomp stop spinning, and every parallel region
+        then pays a futex wake-up (workbench.cputhreads, bench/RESULTS.md). CPU runs only."""
+        if self.device.type == "cpu":
+            cputhreads.release_idle_workers()
 
     def _done(self) -> bool:
         cfg = self.cfg
@@ -662,6 +675,8 @@ class Trainer:
             if not self._paused or self._steps_allowed > 0:
                 return True
             self._flush_pending()
+            if self.device.type == "cpu":
+                cputhreads.release_idle_workers()  # idle: leave the cores to the thread that steers us
             with self._wake:
                 if not self._requests:
                     self._wake.wait(0.2)
@@ -1018,12 +1033,13 @@ class Trainer:
         if last is None or not math.isfinite(last["train_loss"]) or self._diagnoser.active.get("divergence"):
             return
         state = {k: _clone(self._stateful[k].state_dict()) for k in ROLLBACK_KEYS}
+        state["lr"] = self.controls.lr
         if not ck.has_nonfinite(state["model"]):
             self._good_states.append((self.step_count, state))
 
     def _rollback(self, source: str, lr: float | None = None) -> bool:
         """Restore the last good state, keep the data stream where it is (the batches around the spike are
-        skipped), lower the lr by ``rollback_lr_factor`` (or set ``lr``). False when there is nothing to go
+        skipped), lower the lr by ``rollback_lr_factor`` but not above the good state's lr (or set ``lr``). False when there is nothing to go
         back to. The step counter keeps counting up, so the history stays one line."""
         # the newest state from before the detection window; newer ones may already be on the way up
         earlier = [t for t in self._good_states if t[0] <= self.step_count - 5]
@@ -1038,7 +1054,8 @@ class Trainer:
                 except ck.CheckpointError:
                     continue
                 if not ck.has_nonfinite(ckpt["state"]["model"]):
-                    target = (step, {k: ckpt["state"][k] for k in ROLLBACK_KEYS})
+                    target = (step, {**{k: ckpt["state"][k] for k in ROLLBACK_KEYS},
+                                     "lr": ckpt["state"]["controls"]["lr"]})
                     break
         if target is None:
             return False
@@ -1049,7 +1066,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["weight_decay"] = self.controls.weight_decay
         old_lr = self.controls.lr
-        new_lr = lr if lr is not None else old_lr * self.cfg.rollback_lr_factor
+        # lower the lr by the factor, and never above the lr that was in force at the good state
+        new_lr = lr if lr is not None else min(old_lr * self.cfg.rollback_lr_factor, state["lr"])
         self.controls.lr = new_lr
         self._rollbacks += 1
         self._log_event("rollback", source, {"from_step": self.step_count, "to_state_of_step": step,

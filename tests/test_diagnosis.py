@@ -1,0 +1,155 @@
+"""Diagnosis behaviour: policies (pause, rollback), one alert per episode, dismissal, actions, resume."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from workbench import Trainer
+from workbench.checkpoint import load_checkpoint
+from workbench.diagnosis import Action, Alert
+from workbench.diagnosis.data_checks import preflight
+from workbench.scenarios import get, scenario_config
+
+
+def test_rollback_recovers_from_a_pushed_divergence(runs_root):
+    """lr x100 via set(): the run rewinds to the last good state, lowers the lr, carries on, ends finite."""
+    tr = Trainer(dataset="digits", model="mlp", optimizer="sgd", lr=0.05, momentum=0.9, max_steps=500,
+                 max_epochs=None, on_divergence="rollback", good_state_every=25, checkpoint_every=50,
+                 keep_checkpoints=20, eval_every=50, seed=0, runs_root=str(runs_root), tensorboard=False)
+
+    def hook(ctx):
+        if ctx.step == 150:
+            tr.set(lr=5.0, source="notebook")
+    tr.on("step_end", hook)
+    tr.run()
+    assert tr.status == "finished"
+    h = tr.history.set_index("step")
+    before = float(h.loc[130:150, "train_loss"].median())
+    div = [a for a in tr.alerts if a.kind == "divergence"]
+    assert div and div[0].step > 150
+    ev = tr.events
+    rb = ev[ev["kind"] == "rollback"]
+    assert len(rb) >= 1
+    first = rb.iloc[0]["data"]
+    assert first["to_state_of_step"] <= 150
+    assert first["lr_new"] == pytest.approx(min(first["lr_old"] * 0.1, 0.05))  # never above the good state's lr
+    episode = h.loc[151:div[-1].step, "train_loss"]
+    worst = episode[np.isfinite(episode)].max() if np.isfinite(episode).any() else math.inf
+    final = float(h["train_loss"].iloc[-20:].median())
+    assert math.isfinite(final) and final < worst and final < before * 1.5
+    assert tr.controls.lr < 5.0
+    assert ((ev["kind"] == "control") & (ev["source"] == "policy")).any()
+    # a non-finite state never became a checkpoint
+    for path in tr.checkpoints["path"]:
+        state = load_checkpoint(path)["state"]["model"]
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_pause_policy_explains_then_the_action_recovers(runs_root):
+    tr = Trainer(scenario_config("lr_too_high", runs_root=str(runs_root), tensorboard=False, good_state_every=5,
+                                 on_divergence="pause"))
+    alerts = []
+    tr.on("alert", lambda ctx: alerts.append(dict(ctx.data)))
+    tr.start()
+    deadline = 60
+    import time
+    t0 = time.time()
+    while tr.status != "paused" and time.time() - t0 < deadline:
+        time.sleep(0.02)
+    assert tr.status == "paused"
+    div = next(a for a in tr.alerts if a.kind == "divergence")
+    assert div.severity == "critical" and "learning rate" in div.message
+    assert any(a["kind"] == "divergence" for a in alerts)
+    assert tr.diagnose()["health"] == "critical"
+    assert ((tr.events["kind"] == "policy") & (tr.events["source"] == "policy")).any()
+    # the pause policy keeps no in-memory ring: "roll back" falls back to the newest finite checkpoint,
+    # which does not exist yet -> refused with a reason; lowering the lr (action 1) works
+    req = tr.apply_action(div.id, 1).wait(10)
+    assert req.status == "applied"
+    assert tr.controls.lr == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="index"):
+        tr.apply_action(div.id, 7)
+    tr.stop()
+    tr.join(20)
+
+
+def test_one_alert_per_episode_and_dismissal_mutes(runs_root):
+    tr = Trainer(scenario_config("lr_too_low", runs_root=str(runs_root), tensorboard=False, max_steps=400))
+    seen = []
+
+    def hook(ctx):
+        kinds = [a for a in tr.alerts if a.kind == "lr_too_low"]
+        if kinds and not seen:
+            seen.append(kinds[0].id)
+            tr.dismiss(kinds[0].id, source="notebook")
+    tr.on("step_end", hook)
+    tr.run()
+    low = [a for a in tr.alerts if a.kind == "lr_too_low"]
+    assert len(low) == 1 and low[0].dismissed
+    assert "lr_too_low" in tr.diagnose()["muted"]
+    assert all(a.kind != "lr_too_low" for a in tr.diagnose()["alerts"])
+    ev = tr.events
+    d = ev[ev["kind"] == "dismiss"]
+    assert len(d) == 1 and d.iloc[0]["source"] == "notebook" and d.iloc[0]["data"]["kind"] == "lr_too_low"
+    # the same scenario without dismissal: still one lr_too_low alert in 400 steps (one per episode)
+    tr2 = Trainer(scenario_config("lr_too_low", runs_root=str(runs_root), tensorboard=False, max_steps=400))
+    tr2.run()
+    assert sum(a.kind == "lr_too_low" for a in tr2.alerts) == 1
+
+
+def test_alerts_and_detector_state_survive_resume(runs_root):
+    tr = Trainer(scenario_config("lr_too_low", runs_root=str(runs_root), tensorboard=False, max_steps=200))
+    tr.run()
+    before = [(a.id, a.kind, a.step) for a in tr.alerts]
+    assert before
+    resumed = Trainer.from_checkpoint(tr.run_dir)
+    assert [(a.id, a.kind, a.step) for a in resumed.alerts] == before
+    ckpt = load_checkpoint(tr.checkpoints.iloc[-1]["path"])
+    assert ckpt["state"]["detectors"]["alerts"]
+
+
+def test_apply_action_with_controls_and_advice(runs_root):
+    tr = Trainer(dataset="wine", max_steps=100_000, max_epochs=None, seed=0, runs_root=str(runs_root),
+                 tensorboard=False, eval_every=0)
+    tr.start(paused=True)
+    alert = Alert("plateau", "info", 0, "a. b. c.", "numbers", actions=[Action("Lower the lr", {"lr": 1e-4}),
+                                                                       Action("Advice", hint="schedule=plateau")])
+    tr._diagnoser.alerts.append(alert)  # as a detector would, to test the action path alone
+    assert tr.apply_action(alert.id, 0, source="dashboard").wait(10).status == "applied"
+    assert tr.controls.lr == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="advice"):
+        tr.apply_action(alert.id, 1)
+    with pytest.raises(ValueError, match="alert_id"):
+        tr.dismiss(99999)
+    tr.stop()
+    tr.join(10)
+
+
+def test_preflight_checks_each_problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=g)
+    y = torch.randint(0, 3, (300,), generator=g)
+    ok = torch.utils.data.TensorDataset(x, y)
+    assert preflight(ok, torch.utils.data.TensorDataset(x[:50] + 10, y[:50]), "classification") == []
+    x_nan = x.clone()
+    x_nan[3, 2] = float("nan")
+    kinds = {a.kind for a in preflight(torch.utils.data.TensorDataset(x_nan, y), None, "classification")}
+    assert kinds == {"nan_inputs"}
+    big = torch.utils.data.TensorDataset(x * 1000, y)
+    assert {a.kind for a in preflight(big, None, "classification")} == {"unnormalized_inputs"}
+    y_imb = torch.zeros(300, dtype=torch.long)
+    y_imb[:10] = 1
+    assert {a.kind for a in preflight(torch.utils.data.TensorDataset(x, y_imb), None, "classification")} == \
+        {"class_imbalance"}
+    leak = preflight(ok, torch.utils.data.TensorDataset(x[:40], y[:40]), "classification")
+    assert [a.kind for a in leak] == ["data_leakage"] and "40 of 40" in leak[0].evidence
+
+
+def test_healthy_teaching_preset_is_documented():
+    sc = get("healthy")
+    assert sc.expect is None and sc.watch
+    with pytest.raises(ValueError, match="scenario.*allowed: lr_too_high"):
+        get("nope")
