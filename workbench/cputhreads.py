@@ -1,0 +1,95 @@
+"""CPU thread hygiene for a trainer whose torch work runs on its own thread.
+
+Why this exists (measured on a 2-core machine, torch CPU build with GNU OpenMP; see bench/RESULTS.md):
+libgomp gives every OS thread that opens a parallel region its *own* pool of worker threads, and the
+pool lives as long as that thread. After a notebook's main thread has run torch work it owns an idle
+pool; when the trainer thread then opens regions it gets a second pool. libgomp counts every thread it
+manages, and once that count exceeds the available CPUs it cuts the time a waiting worker spins
+before it sleeps on a futex from ~300,000 iterations to 100 (``do_spin`` / ``gomp_throttled_spin_count_var``
+in libgomp). From then on every parallel region of the trainer pays a futex wake-up of its worker:
+~19 sleeps per step of a small MLP, 0.5 -> 1.9 ms/step. Nothing in torch is wrong; it is two teams on
+few cores.
+
+The remedy is to keep one team at a time: a thread that hands work to the trainer (``start``,
+``resume``, ``step``) first gives back its own idle pool, and the trainer thread gives back its pool
+when it goes idle (paused, finished). ``release_idle_workers`` does that for the calling thread through
+the OpenMP 5.0 call ``omp_pause_resource_all``, which libgomp implements per thread: it ends that
+thread's idle workers and lowers the managed-thread count. It never touches another thread's pool,
+changes no thread count and no numerics; the next parallel region on that thread simply starts new
+workers (tens of microseconds, once).
+
+Only GNU libgomp is handled (the runtime of the Linux pip wheels of torch). With LLVM/Intel OpenMP
+(conda, macOS) the pause call is process-wide, so it is not used; every function here is then a no-op.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from typing import Any
+
+import torch
+
+_OMP_PAUSE_SOFT = 1
+_lock = threading.Lock()
+_libs: list[Any] | None = None
+
+
+def _loaded_libgomps() -> list[Any]:
+    """Every GNU OpenMP runtime mapped into this process (torch's, and e.g. scikit-learn's own copy)."""
+    global _libs
+    with _lock:
+        if _libs is not None:
+            return _libs
+        libs: list[Any] = []
+        if sys.platform.startswith("linux"):
+            paths: list[str] = []
+            try:
+                with open("/proc/self/maps") as f:
+                    for line in f:
+                        path = line.rstrip("\n").split(maxsplit=5)[-1]
+                        if os.path.basename(path).startswith("libgomp") and path not in paths:
+                            paths.append(path)
+            except OSError:
+                paths = []
+            for path in paths:
+                try:
+                    lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # the copy already loaded
+                    fn = lib.omp_pause_resource_all
+                except (OSError, AttributeError):
+                    continue  # an old libgomp without OpenMP 5.0 pause: nothing to do
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                libs.append(fn)
+        _libs = libs
+        return libs
+
+
+def openmp_backend() -> str:
+    """``gnu`` when torch's intra-op pool is GNU OpenMP (the case handled here), else a short name."""
+    info = torch.__config__.parallel_info()
+    if "ATen parallel backend: OpenMP" not in info:
+        return "native" if "native thread pool" in info else "other"
+    return "gnu" if _loaded_libgomps() else "openmp-other"
+
+
+def release_idle_workers() -> bool:
+    """Give back the calling thread's idle OpenMP worker pool(s). Returns True when a runtime was asked.
+
+    Safe at any point outside a parallel region (it is never called inside one: the engine calls it
+    from Python between steps). Other threads' pools are untouched; results do not change.
+    """
+    fns = _loaded_libgomps()
+    for fn in fns:
+        fn(_OMP_PAUSE_SOFT)
+    return bool(fns)
+
+
+def describe() -> dict[str, Any]:
+    """What the trainer logs once per run: backend, intra-op threads, CPUs this process may use."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return {"backend": openmp_backend(), "intra_op_threads": torch.get_num_threads(), "cpus": cpus,
+            "policy": "one OpenMP team at a time (idle pools released at hand-over)"}
