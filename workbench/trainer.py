@@ -284,6 +284,8 @@ class Trainer:
 
         if "started" not in self._db.meta():
             self._db.set_meta(started=time.time())
+        self._db.set_meta(n_train=len(train_data), total_steps=self._planned_steps(),
+                          controls=self.controls.state_dict())
         self._db.set_meta(status="idle", dataset=cfg.dataset, model=cfg.model,
                           seed=cfg.seed, device=str(self.device), task=task, pid=os.getpid(),
                           layer_names=self._param_names)
@@ -689,6 +691,9 @@ class Trainer:
                 changes = self._apply_controls(req.controls)
                 for name, (old, new) in changes.items():
                     self._log_event("control", req.source, {"field": name, "old": old, "new": new}, step=next_step)
+                if changes:
+                    self._recorder.meta.append({"controls": self.controls.state_dict(),
+                                                "total_steps": self._planned_steps()})
                 req.resolve("applied", next_step, "no change" if not changes else "")
             elif req.action == "pause":
                 if not self._paused:

@@ -1,0 +1,163 @@
+"""Plot builders: pure functions from stored series (``runview.ChartData``) to plotly figures.
+
+Shared by the notebook panel and the Streamlit dashboard, so both draw the same charts from the same
+numbers. They read only the data they are given — never a trainer — and every trace holds at most
+the downsampled points (about 2,000), so a long run draws as fast as a short one.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .runview import ChartData
+
+COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "lr": "#2ca02c", "grad": "#9467bd", "acc": "#d62728"}
+MARKER_COLORS = {"control": "#17becf", "checkpoint": "#7f7f7f", "alert": "#d62728", "rollback": "#e377c2",
+                 "policy": "#bcbd22", "fork": "#8c564b", "resume": "#8c564b"}
+LAYOUT = dict(height=300, margin=dict(l=50, r=20, t=40, b=40), legend=dict(orientation="h", y=1.12, x=0),
+              hovermode="x unified", template="plotly_white")
+
+
+def _xy(data: ChartData, name: str) -> tuple[list, list]:
+    x, y = data.series.get(name, (np.array([]), np.array([])))
+    y = np.asarray(y, dtype=float)
+    # plotly cannot draw inf; NaN draws as a gap, which is what a diverged step should look like
+    return np.asarray(x).tolist(), np.where(np.isfinite(y), y, np.nan).tolist()
+
+
+def _add_markers(fig: go.Figure, data: ChartData) -> None:
+    """Vertical lines at live changes, checkpoints and rollbacks; alerts as labelled points on top."""
+    if not data.markers:
+        return
+    shapes = []
+    hover_x, hover_text, hover_color = [], [], []
+    for m in data.markers:
+        color = MARKER_COLORS.get(m["kind"], "#999")
+        shapes.append(dict(type="line", xref="x", yref="paper", x0=m["step"], x1=m["step"], y0=0, y1=1,
+                           line=dict(color=color, width=1, dash="dot" if m["kind"] == "checkpoint" else "dash"),
+                           layer="below"))
+        hover_x.append(m["step"])
+        hover_text.append(m["label"])
+        hover_color.append(color)
+    fig.update_layout(shapes=shapes)
+    fig.add_trace(go.Scatter(x=hover_x, y=[1.0] * len(hover_x), yaxis="y2", mode="markers", name="events",
+                             marker=dict(symbol="triangle-down", size=9, color=hover_color),
+                             text=hover_text, hovertemplate="step %{x}: %{text}<extra></extra>"))
+    fig.update_layout(yaxis2=dict(overlaying="y", range=[0, 1.05], visible=False, fixedrange=True))
+
+
+def loss_figure(data: ChartData, log_y: bool = False, title: str = "Loss") -> go.Figure:
+    """Train loss (line) and val loss (line + points) vs step, with change/checkpoint/alert markers."""
+    fig = go.Figure(layout=dict(LAYOUT, title=title))
+    x, y = _xy(data, "train_loss")
+    fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name="train loss", line=dict(color=COLORS["train"])))
+    x, y = _xy(data, "val_loss")
+    fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name="val loss", line=dict(color=COLORS["val"])))
+    fig.update_yaxes(type="log" if log_y else "linear", title="loss")
+    fig.update_xaxes(title="step")
+    _add_markers(fig, data)
+    return fig
+
+
+def line_figure(data: ChartData, name: str, title: str, *, log_y: bool = False, color: str = "#1f77b4",
+                y_title: str | None = None) -> go.Figure:
+    """One downsampled series vs step (lr, grad norm, val acc), with markers."""
+    fig = go.Figure(layout=dict(LAYOUT, title=title))
+    x, y = _xy(data, name)
+    mode = "lines+markers" if name.startswith("val_") else "lines"
+    fig.add_trace(go.Scatter(x=x, y=y, mode=mode, name=name, line=dict(color=color)))
+    fig.update_yaxes(type="log" if log_y else "linear", title=y_title or name)
+    fig.update_xaxes(title="step")
+    _add_markers(fig, data)
+    return fig
+
+
+def lr_figure(data: ChartData) -> go.Figure:
+    return line_figure(data, "lr", "Learning rate", log_y=True, color=COLORS["lr"], y_title="lr")
+
+
+def grad_norm_figure(data: ChartData) -> go.Figure:
+    return line_figure(data, "grad_norm", "Global gradient norm (before clipping)", log_y=True, color=COLORS["grad"],
+                       y_title="grad norm")
+
+
+def accuracy_figure(data: ChartData) -> go.Figure:
+    return line_figure(data, "val_acc", "Validation accuracy", color=COLORS["acc"], y_title="accuracy")
+
+
+def layer_matrix(data: ChartData, value: str = "grad_norm") -> tuple[list, list, np.ndarray]:
+    """(steps, layer names, values[layer, step]) for the heatmap; layers in model order."""
+    L = data.layers
+    if L.empty:
+        return [], [], np.zeros((0, 0))
+    table = L.pivot_table(index="layer", columns="step", values=value, aggfunc="last", sort=False)
+    order = list(dict.fromkeys(L["layer"]))
+    table = table.reindex(order)
+    return [int(s) for s in table.columns], order, table.to_numpy(dtype=float)
+
+
+def layer_heatmap(data: ChartData, value: str = "grad_norm", title: str | None = None) -> go.Figure:
+    """Per-layer heatmap (layers x steps) of log10(value): vanishing/exploding gradients show as bands."""
+    steps, layers, z = layer_matrix(data, value)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logz = np.where(z > 0, np.log10(z), np.nan)
+    fig = go.Figure(layout=dict(LAYOUT, title=title or f"Per-layer {value.replace('_', ' ')} (log10)",
+                                height=max(250, 40 + 22 * len(layers)), hovermode="closest"))
+    fig.add_trace(go.Heatmap(x=steps, y=layers, z=np.where(np.isfinite(logz), logz, None).tolist(),
+                             colorscale="Viridis", colorbar=dict(title="log10"),
+                             hovertemplate="step %{x}<br>%{y}<br>log10 = %{z:.2f}<extra></extra>"))
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def update_ratio_figure(data: ChartData) -> go.Figure:
+    """Update/weight ratio ||dW||/||W|| per weight tensor (log y) with the ~1e-3 rule-of-thumb line."""
+    fig = go.Figure(layout=dict(LAYOUT, title="Update / weight ratio per layer", hovermode="closest"))
+    L = data.layers
+    if not L.empty:
+        for name, g in L[L["layer"].str.endswith("weight")].groupby("layer", sort=False):
+            fig.add_trace(go.Scatter(x=g["step"].tolist(), y=g["update_ratio"].tolist(), mode="lines", name=name))
+    fig.add_hline(y=1e-3, line=dict(color="#999", dash="dot"), annotation_text="~1e-3 healthy")
+    fig.update_yaxes(type="log", title="ratio")
+    fig.update_xaxes(title="step")
+    return fig
+
+
+def compare_figure(runs: Mapping[str, ChartData], metric: str = "train_loss", log_y: bool = False) -> go.Figure:
+    """The same metric of several runs overlaid (forks and their parent, or any runs)."""
+    fig = go.Figure(layout=dict(LAYOUT, title=f"{metric} — comparison", hovermode="closest"))
+    for name, data in runs.items():
+        x, y = _xy(data, metric)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if metric.startswith("val_") else "lines",
+                                 name=name))
+    fig.update_yaxes(type="log" if log_y else "linear", title=metric)
+    fig.update_xaxes(title="step")
+    return fig
+
+
+def lr_find_figure(lrs: list[float], losses: list[float], suggestion: float | None = None) -> go.Figure:
+    """Loss vs learning rate from an lr range test (log x), with the suggested lr marked."""
+    fig = go.Figure(layout=dict(LAYOUT, title="LR range test", hovermode="closest"))
+    fig.add_trace(go.Scatter(x=list(lrs), y=list(losses), mode="lines", name="smoothed loss"))
+    if suggestion:
+        fig.add_vline(x=suggestion, line=dict(color="#d62728", dash="dash"),
+                      annotation_text=f"suggested {suggestion:.2g}")
+    fig.update_xaxes(type="log", title="learning rate")
+    fig.update_yaxes(title="loss")
+    return fig
+
+
+def all_figures(data: ChartData, log_y: bool = False) -> dict[str, go.Figure]:
+    """Every chart of a run, by name (the dashboard and the static notebook fallback use this)."""
+    return {"loss": loss_figure(data, log_y=log_y), "lr": lr_figure(data), "grad_norm": grad_norm_figure(data),
+            "val_acc": accuracy_figure(data), "layer_grad_norm": layer_heatmap(data),
+            "update_ratio": update_ratio_figure(data)}
+
+
+def trace_points(fig: go.Figure) -> int:
+    """Most points in any one trace of a figure (to check the per-trace bound)."""
+    counts: list[Any] = [len(t.x) if getattr(t, "x", None) is not None else 0 for t in fig.data]
+    return max(counts, default=0)
