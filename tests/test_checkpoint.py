@@ -277,3 +277,9 @@ def test_config_that_disagrees_with_the_checkpoint_is_reported_field_by_field(tm
     text = " ".join(str(w.message) for w in record)
     assert "lr: checkpoint 0.001, given 0.5" in text and "batch_size: checkpoint 64, given 8" in text
     assert resumed.controls.lr == 1e-3
+
+
+def test_a_new_trainer_refuses_a_run_dir_that_holds_a_run(tmp_path):
+    tr = _saved_run(tmp_path, steps=10)
+    with pytest.raises(ValueError, match=r"run_dir: .* already holds a run \(up to step 10\).*from_checkpoint"):
+        Trainer(cfg_for(tr.run_dir, max_steps=10))

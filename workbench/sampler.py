@@ -95,7 +95,8 @@ class BatchFetcher:
         if self.tensors is not None:
             t0 = self.tensors[0]
             if t0.device != idx.device:
-                idx = idx.to(t0.device)
+                # non_blocking: a copy from pageable memory is staged without waiting for the GPU
+                idx = idx.to(t0.device, non_blocking=True)
             batch = tuple(t[idx] for t in self.tensors)
             if batch[0].device != self.device:
                 batch = tuple(b.to(self.device, non_blocking=self._non_blocking) for b in batch)

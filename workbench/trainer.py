@@ -159,7 +159,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, *,
                  model: torch.nn.Module | None = None, train_data: Dataset | None = None,
                  val_data: Dataset | None = None, loss_fn: Callable | None = None, task: str | None = None,
-                 **overrides: Any) -> None:
+                 _resuming: bool = False, **overrides: Any) -> None:
         if isinstance(model, str):  # Trainer(model="mlp", ...) names a built-in model, like the config field
             overrides["model"], model = model, None
         cfg = _as_config(cfg, overrides)
@@ -226,6 +226,11 @@ class Trainer:
         cfg.to_yaml(run_dir / "config.yaml", extra={"seed": cfg.seed, "device": str(self.device),
                                                      "precision": precision, "versions": ck.library_versions()})
         self._db = RunDB(run_dir / "run.db")
+        existing = None if _resuming else self._db.last_step()
+        if existing is not None:
+            self._db.close()
+            raise ValueError(f"run_dir: {run_dir} already holds a run (up to step {existing}); "
+                             f"allowed: a new folder, or Trainer.from_checkpoint({str(run_dir)!r}) to continue it")
 
         # ---- state components (each has state_dict/load_state_dict; the checkpoint registers them all)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
@@ -620,7 +625,9 @@ class Trainer:
             finish = self._evaluate()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self._save_checkpoint(tag=None, reason="periodic", source="trainer")
-        if cfg.diagnose and (self._urgent or step % DIAGNOSIS_TICK == 0):
+        # Detectors read host values: run them when the pending read-back is empty (every step on CPU,
+        # every ``sync_every`` steps on CUDA), so diagnosis adds no host-device sync of its own.
+        if cfg.diagnose and (self._urgent or (step % DIAGNOSIS_TICK == 0 and not self._pending)):
             self._diagnose(after_eval=False)
         if cfg.on_divergence == "rollback" and step % cfg.good_state_every == 0:
             self._keep_good_state()
@@ -677,6 +684,7 @@ class Trainer:
             if not self._paused or self._steps_allowed > 0:
                 return True
             self._flush_pending()
+            self._last_time = None  # samples/s restarts after a pause
             if self.device.type == "cpu":
                 cputhreads.release_idle_workers()  # idle: leave the cores to the thread that steers us
             with self._wake:
@@ -900,7 +908,7 @@ class Trainer:
         target = Path(run_dir) if run_dir is not None else orig_run
         resumed = target.resolve() == orig_run.resolve()
         tr = cls(saved.replace(run_dir=str(target)), model=model, train_data=train_data, val_data=val_data,
-                 loss_fn=loss_fn, task=task)
+                 loss_fn=loss_fn, task=task, _resuming=True)
         try:
             tr.load_state_dict(ckpt)
         except (ValueError, KeyError, TypeError) as e:
