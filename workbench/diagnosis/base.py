@@ -78,6 +78,34 @@ class Detector:
             setattr(self, k, v)
 
 
+class LayerDetector(Detector):
+    """A detector that reads per-layer stats: it judges each new layer snapshot once.
+
+    ``check`` returns UNCHANGED until the trainer records a newer snapshot (every ``layer_every`` steps),
+    then calls ``judge(signals, layers)`` with the weight-matrix rows only.
+    """
+
+    def reset(self) -> None:
+        super().reset()
+        self.last_layer_step = -1
+
+    def check(self, s: Signals) -> Any:
+        L = s.layers
+        if L is None or int(L["step"]) == self.last_layer_step:
+            return UNCHANGED
+        self.last_layer_step = int(L["step"])
+        m = L["is_matrix"]
+        return self.judge(s, {k: L[k][m] for k in ("name", "grad_norm", "param_norm", "update_ratio")})
+
+    def judge(self, s: Signals, weights: Mapping[str, np.ndarray]) -> Alert | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def count(self, bad: bool) -> bool:
+        """Advance the streak; True once the condition has held for ``patience`` snapshots."""
+        self.streak = self.streak + 1 if bad else 0
+        return self.streak >= getattr(self, "patience", 1)
+
+
 def finite(a: np.ndarray) -> np.ndarray:
     return a[np.isfinite(a)]
 

@@ -1,13 +1,15 @@
 """Learning rate too high: each step changes the weights a lot, and the loss does not go down for it."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
 from .alert import Action, Alert
-from .base import UNCHANGED, Detector, Signals, ema, fmt
+from .base import LayerDetector, Signals, ema, fmt
 
 
-class LRTooHigh(Detector):
+class LRTooHigh(LayerDetector):
     """Median update/weight ratio ||dW||/||W|| over the weight matrices above ``ratio`` (Karpathy's rule of
     thumb: about 1e-3 is healthy) while the smoothed loss over the last ``window`` steps is not falling (or
     swings with a coefficient of variation above ``swing``) — or the smoothed loss has climbed ``rise`` ×
@@ -24,16 +26,8 @@ class LRTooHigh(Detector):
     swing = 0.5
     min_step = 50
 
-    def reset(self) -> None:
-        super().reset()
-        self.last_layer_step = -1
-
-    def check(self, s: Signals) -> Alert | None | object:
-        L = s.layers
-        if L is None or int(L["step"]) == self.last_layer_step:
-            return UNCHANGED
-        self.last_layer_step = int(L["step"])
-        u = L["update_ratio"][L["is_matrix"]]
+    def judge(self, s: Signals, weights: Mapping[str, np.ndarray]) -> Alert | None:
+        u = weights["update_ratio"]
         u = u[np.isfinite(u)]
         loss = s.history["train_loss"][-self.window:]
         if len(u) == 0 or len(loss) < self.window // 2 or not np.isfinite(loss).all():
@@ -48,8 +42,7 @@ class LRTooHigh(Detector):
         # keep the update ratio moderate, so a rising loss with above-healthy updates counts too)
         rising = float(sm[-1]) > self.rise * low and float(sm[-1]) - low > 0.1 * (s.initial_loss or low)
         bad = (med > self.ratio and (not_falling or cv > self.swing)) or (rising and med > self.healthy_ratio)
-        self.streak = self.streak + 1 if bad else 0
-        if self.streak < self.patience:
+        if not self.count(bad):
             return None
         lr = s.controls["lr"]
         return Alert(self.kind, "warning", s.step,

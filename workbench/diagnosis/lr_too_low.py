@@ -1,13 +1,15 @@
 """Learning rate too low: the weights hardly move, so the loss falls very slowly."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
 from .alert import Action, Alert
-from .base import UNCHANGED, Detector, Signals, ema, fmt
+from .base import LayerDetector, Signals, ema, fmt
 
 
-class LRTooLow(Detector):
+class LRTooLow(LayerDetector):
     """Median update/weight ratio below ``ratio`` (Karpathy: about 1e-3 is healthy; 1e-5 and below means the
     weights barely change) for ``patience`` layer checks, while the smoothed loss improved less than
     ``min_improve`` (relative) over the last ``window`` steps.
@@ -21,16 +23,8 @@ class LRTooLow(Detector):
     min_improve = 0.05
     min_step = 50
 
-    def reset(self) -> None:
-        super().reset()
-        self.last_layer_step = -1
-
-    def check(self, s: Signals) -> Alert | None | object:
-        L = s.layers
-        if L is None or int(L["step"]) == self.last_layer_step:
-            return UNCHANGED
-        self.last_layer_step = int(L["step"])
-        u = L["update_ratio"][L["is_matrix"]]
+    def judge(self, s: Signals, weights: Mapping[str, np.ndarray]) -> Alert | None:
+        u = weights["update_ratio"]
         u = u[np.isfinite(u)]
         loss = s.history["train_loss"][-self.window:]
         if len(u) == 0 or len(loss) < self.window // 2 or not np.isfinite(loss).all():
@@ -39,8 +33,7 @@ class LRTooLow(Detector):
         sm = ema(loss, 0.9)
         improve = (float(sm[0]) - float(sm[-1])) / max(abs(float(sm[0])), 1e-12)
         bad = med < self.ratio and improve < self.min_improve
-        self.streak = self.streak + 1 if bad else 0
-        if self.streak < self.patience:
+        if not self.count(bad):
             return None
         lr = s.controls["lr"]
         return Alert(self.kind, "warning", s.step,

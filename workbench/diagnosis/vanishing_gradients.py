@@ -1,13 +1,15 @@
 """Vanishing gradients: the first layers get almost no gradient compared with the last."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
 from .alert import Action, Alert
-from .base import UNCHANGED, Detector, Signals, fmt
+from .base import LayerDetector, Signals, fmt
 
 
-class VanishingGradients(Detector):
+class VanishingGradients(LayerDetector):
     """Ratio of the first to the last weight matrix's gradient norm below ``ratio`` for ``patience``
     layer-stat checks (the first/last-layer gradient ratio used by AutoTrainer and Cockpit; saturating
     sigmoid/tanh stacks shrink it geometrically with depth, Glorot & Bengio 2010).
@@ -19,22 +21,12 @@ class VanishingGradients(Detector):
     patience = 2
     min_step = 10
 
-    def reset(self) -> None:
-        super().reset()
-        self.last_layer_step = -1
-
-    def check(self, s: Signals) -> Alert | None | object:
-        L = s.layers
-        if L is None or int(L["step"]) == self.last_layer_step:
-            return UNCHANGED
-        self.last_layer_step = int(L["step"])
-        g = L["grad_norm"][L["is_matrix"]]
-        names = L["name"][L["is_matrix"]]
+    def judge(self, s: Signals, weights: Mapping[str, np.ndarray]) -> Alert | None:
+        g, names = weights["grad_norm"], weights["name"]
         if len(g) < 3 or not np.isfinite(g).all():
             return None
         r = float(g[0] / max(g[-1], 1e-30))
-        self.streak = self.streak + 1 if r < self.ratio else 0
-        if self.streak < self.patience:
+        if not self.count(r < self.ratio):
             return None
         return Alert(self.kind, "warning", s.step,
                      "The first layers receive almost no gradient, so they barely learn while the last layers do "
