@@ -1,4 +1,4 @@
-"""Command-line interface: ``workbench train | resume | runs``.
+"""Command-line interface: ``workbench train | resume | runs | scenarios | dashboard``.
 
 The run/progress/summary logic lives in plain functions that take a ``Trainer`` (``run_trainer``,
 ``summary``) so tests and scripts can call them without going through argparse. The main thread only
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 import time
@@ -279,7 +280,35 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list runs", description="List the runs under a folder, newest first.")
     runs.add_argument("root", nargs="?", default="runs", metavar="ROOT", help="folder holding run directories "
                                                                               "(default: runs)")
+
+    dash = sub.add_parser("dashboard", help="open the Streamlit dashboard",
+                          description="Start the Streamlit dashboard (app/dashboard.py) on 127.0.0.1.")
+    dash.add_argument("--runs", default="runs", metavar="ROOT", help="folder holding run directories (default: runs)")
+    dash.add_argument("--port", type=int, default=None, metavar="P", help="port (default: 8501, or the next free one)")
+    dash.add_argument("--address", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    dash.add_argument("--demo", action="store_true", help="start the demo run (configs/demo.yaml) on launch")
     return parser
+
+
+def dashboard_argv(args: argparse.Namespace) -> list[str]:
+    """The ``streamlit run app/dashboard.py ...`` command line for ``workbench dashboard`` (app found next to
+    the package, i.e. in the source checkout it is installed from)."""
+    import socket
+
+    app = Path(__file__).resolve().parents[1] / "app" / "dashboard.py"
+    if not app.is_file():
+        raise UsageError(f"dashboard: {app} not found; the dashboard runs from a source checkout of the workbench")
+    port = args.port
+    if port is None:
+        for port in range(8501, 8601):
+            with socket.socket() as s:
+                if s.connect_ex((args.address, port)) != 0:
+                    break
+    argv = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "viewer",
+            "--", "--runs", str(Path(args.runs).expanduser().resolve())]
+    return argv + (["--demo"] if args.demo else [])
 
 
 def _cmd_train(args: argparse.Namespace) -> Trainer:
@@ -326,6 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "scenarios":
         print(scenarios_table())
         return EXIT_OK
+    if args.command == "dashboard":
+        try:
+            argv = dashboard_argv(args)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"Training Workbench dashboard on http://{args.address}:{argv[argv.index('--server.port') + 1]} "
+              f"(runs: {argv[argv.index('--runs') + 1]}); Ctrl-C to quit.", file=sys.stderr, flush=True)
+        os.execv(argv[0], argv)
     try:
         trainer = _cmd_train(args) if args.command == "train" else _cmd_resume(args)
     except (ValueError, TypeError, yaml.YAMLError) as e:
