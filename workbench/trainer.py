@@ -273,6 +273,7 @@ class Trainer:
         self._recorder = Recorder(self._db, TBWriter(run_dir / "tb") if cfg.tensorboard else None,
                                   on_inbox=self._inbox_request, on_error=self._recorder_failed)
         self._writer = ck.AsyncWriter(self._checkpoint_failed)
+        self._snapshot_buffers: deque[dict] = deque(maxlen=1)  # host copies reused by the next save
 
         # ---- the thread and its requests
         self._requests: deque[Request] = deque()
@@ -368,6 +369,7 @@ class Trainer:
         if self._status in ("finished", "stopped", "failed"):
             raise RuntimeError(f"set: the run has ended (status {self._status}); fork() it to continue with "
                                f"other controls")
+        self._hand_over()
         return self._post(Request("set", controls=clean, source=check_source(source)))
 
     def save_checkpoint(self, tag: str | None = None, source: str = "api", timeout: float | None = 60.0) -> Path:
@@ -436,6 +438,10 @@ class Trainer:
         from .finders import find_batch_size
 
         return find_batch_size(self, **options)
+
+    def panel(self, **options: Any) -> Any:
+        from .notebook import panel
+        return panel(self, **options)
 
     # ================================================================= public API: data views
     @property
@@ -532,7 +538,7 @@ class Trainer:
         """Before the trainer thread runs torch work, the calling thread gives back its idle OpenMP
         workers: two OpenMP teams on few cores make libgomp stop spinning, and every parallel region
         then pays a futex wake-up (workbench.cputhreads, bench/RESULTS.md). CPU runs only."""
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and threading.current_thread() is not self._thread:
             cputhreads.release_idle_workers()
 
     def _done(self) -> bool:
@@ -580,7 +586,10 @@ class Trainer:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        values = torch.stack([torch.stack([p[2].float(), p[3].float()]) for p in pending]).tolist()
+        if self.device.type == "cpu":  # no transfer to batch: two scalar reads are cheaper than two stacks
+            values = [(p[2].item(), p[3].item()) for p in pending]
+        else:
+            values = torch.stack([torch.stack([p[2].float(), p[3].float()]) for p in pending]).tolist()
         for p, (loss, gn) in zip(pending, values):
             if len(self._initial_losses) < 10 and math.isfinite(loss):
                 self._initial_losses.append(loss)
@@ -838,17 +847,21 @@ class Trainer:
         """
         self._flush_pending()
         state = self.state_dict()
-        if ck.has_nonfinite(state["state"]["model"]):
+        if _nonfinite(state["state"]["model"]):
             self._log_event("checkpoint_skipped", source, {"reason": "the weights hold NaN/inf; a good "
                                                                      "checkpoint is never overwritten by them"})
             return None
-        state = ck.to_cpu(state)
+        # The host copy goes into the buffers of an earlier save once that one is on disk: copying into
+        # memory that is already mapped is ~10x faster than fresh allocations (bench/RESULTS.md).
+        buffers = self._snapshot_buffers.pop() if self._snapshot_buffers else {}
+        state = _host_copy(state, buffers)
         path = self.checkpoint_dir / ck.checkpoint_name(self.step_count, tag)
         if metric is None and self.last_eval:
             metric = self.last_eval.get(self.cfg.monitor)
         step, when = self.step_count, time.time()
 
         def done(p: Path) -> None:
+            self._snapshot_buffers.append(buffers)  # written: the next save may reuse them
             self._db.add_checkpoint(step=step, path=str(p), metric=metric, tag=tag or reason, time=when)
             self._apply_retention()
 
@@ -1129,6 +1142,34 @@ class Trainer:
 
     def __repr__(self) -> str:
         return f"Trainer(run_dir={str(self.run_dir)!r}, status={self._status!r}, step={self.step_count})"
+
+
+def _nonfinite(model_state: Mapping[str, Any]) -> bool:
+    """``ck.has_nonfinite`` for a model state dict, with a fast first pass: one fused norm per tensor.
+
+    NaN/inf anywhere makes a norm NaN/inf; only then (or when a huge finite tensor overflows its norm)
+    is the exact element-wise check run, so the answer is always the exact one."""
+    ts = [t.detach() for t in model_state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not ts or bool(torch.stack([n.float() for n in torch._foreach_norm(ts)]).isfinite().all()):
+        return False
+    return ck.has_nonfinite(model_state)
+
+
+def _host_copy(obj: Any, buffers: dict, key: tuple = ()) -> Any:
+    """``ck.to_cpu`` that copies each tensor into ``buffers[key]`` (reused when shape and dtype match)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        buf = buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.stride() != t.stride():
+            buf = buffers[key] = torch.empty_like(t, device="cpu")  # the layout .to("cpu", copy=True) gives
+        return buf.copy_(t)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v, buffers, key + (k,)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_host_copy(v, buffers, key + (i,)) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_host_copy(v, buffers, key + (i,)) for i, v in enumerate(obj))
+    return obj
 
 
 def _as_config(cfg: Any, overrides: Mapping[str, Any]) -> TrainConfig:

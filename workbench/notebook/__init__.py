@@ -1,0 +1,13 @@
+"""Jupyter views of a run: ``panel(trainer)`` (or ``trainer.panel()``) shows one widget to watch and steer it.
+
+This subpackage is the only place in ``workbench`` that imports ipywidgets. See :mod:`.widget` for what the
+panel holds, :mod:`.charts` for the live FigureWidgets and :mod:`.poller` for how updates reach them.
+"""
+from __future__ import annotations
+
+from .charts import LiveCharts, static_figures
+from .widget import Panel, StaticView, panel, parse_changes, static_html, status_text
+from .poller import Poller
+
+__all__ = ["Panel", "StaticView", "LiveCharts", "Poller", "panel", "parse_changes", "static_figures",
+           "static_html", "status_text"]

@@ -1,0 +1,340 @@
+"""Live plotly charts for the notebook panel: FigureWidgets built once, then updated in place.
+
+The look of every chart comes from the shared builders in :mod:`workbench.figures` (the dashboard draws
+the same ones). Rebuilding a figure per refresh costs ~100 ms for six charts, so :class:`LiveCharts`
+builds them once and afterwards only assigns the new (downsampled) arrays to the existing traces inside
+``fig.batch_update()``, one message per figure. Change/checkpoint/alert markers are drawn as a few line
+traces (``x = [s, s, None, ...]``) rather than hundreds of layout shapes, whose validation alone takes
+tens of milliseconds; the newest alerts are labelled in text next to their marker. Every trace holds a bounded number of points:
+the metric store's downsampled series (``n_out``), at most ``max_markers`` markers and ``max_cols``
+heatmap columns, however long the run.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from .. import figures
+from ..runview import MARKER_KINDS, ChartData, chart_data, marker_label
+
+CHART_NAMES = ("loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio")
+LINE_CHARTS = ("loss", "lr", "grad_norm", "val_acc")           # charts that carry markers
+MARKER_GROUPS: dict[str, tuple[str, ...]] = {                    # one line trace per group
+    "changes": ("control", "rollback", "policy", "fork", "resume"),
+    "checkpoints": ("checkpoint",),
+    "alerts": ("alert",),
+}
+_UNSET = object()
+ACK_TIMEOUT = 5.0          # s: stop waiting for a frontend's answer to a chart update after this
+SERIES = {"loss": ("train_loss", "val_loss"), "lr": ("lr",), "grad_norm": ("grad_norm",), "val_acc": ("val_acc",)}
+CHART_WIDTH = 540          # px per live chart; two per row in a wide notebook, one in a narrow one
+MAX_ALERT_NOTES = 8        # alert labels shown per chart (the newest); every alert still has its marker
+
+
+def empty_data() -> ChartData:
+    """A ChartData with no points (the charts' starting state)."""
+    layers = pd.DataFrame({"step": pd.Series(dtype="int64"), "layer": pd.Series(dtype=str),
+                           "grad_norm": pd.Series(dtype=float), "update_ratio": pd.Series(dtype=float)})
+    return ChartData(series={}, layers=layers, markers=[], points=0)
+
+
+def _arrays(data: ChartData, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) float arrays of one series; inf becomes NaN (a gap), as in figures._xy."""
+    x, y = data.series.get(name, (np.array([]), np.array([])))
+    y = np.asarray(y, dtype=float)
+    return np.asarray(x, dtype=float), np.where(np.isfinite(y), y, np.nan)
+
+
+def _marker_group(markers: Iterable[dict[str, Any]], kinds: tuple[str, ...]) -> dict[str, Any]:
+    """The markers of some kinds as arrays: vertical lines (x = [s, s, nan, ...], y = [0, 1, nan, ...], NaN
+    breaks the line) and one hover point per marker (step, label, colour)."""
+    ms = [m for m in markers if m["kind"] in kinds]
+    steps = np.array([m["step"] for m in ms], dtype=float)
+    line_x = np.repeat(steps, 3)
+    line_x[2::3] = np.nan
+    line_y = np.tile([0.0, 1.0, np.nan], len(ms))
+    labels = [m["label"] for m in ms]
+    shown = len(ms) - MAX_ALERT_NOTES
+    return {"key": tuple((m["step"], m["kind"], m["label"]) for m in ms), "line_x": line_x, "line_y": line_y,
+            "x": steps, "y": np.ones(len(ms)), "labels": labels,
+            "text": ["" if i < shown else t for i, t in enumerate(labels)] if "alert" in kinds else [],
+            "color": [figures.MARKER_COLORS.get(m["kind"], "#999") for m in ms]}
+
+
+def _marker_traces() -> list[go.Scatter]:
+    """The fixed marker traces of a line chart: per group a line trace (the vertical lines) and a points
+    trace (a triangle on top of each line, its label on hover), as figures._add_markers draws them."""
+    lines, points = [], []
+    for group, kinds in MARKER_GROUPS.items():
+        kind = kinds[0]
+        lines.append(go.Scatter(x=[], y=[], yaxis="y2", mode="lines", name=group, hoverinfo="skip",
+                                showlegend=False, line=dict(color=figures.MARKER_COLORS.get(kind, "#999"), width=1,
+                                                            dash="dot" if kind == "checkpoint" else "dash")))
+        # alerts: "markers+text", the newest MAX_ALERT_NOTES labelled under their triangle (the live
+        # counterpart of layout annotations, which cost ~8 ms per chart to validate on every change)
+        points.append(go.Scatter(x=[], y=[], yaxis="y2", mode="markers+text" if group == "alerts" else "markers",
+                                 name=f"{group} (events)", text=[], customdata=[], showlegend=False,
+                                 textposition="bottom center",
+                                 textfont=dict(size=10, color=figures.MARKER_COLORS.get(kind, "#999")),
+                                 marker=dict(symbol="triangle-down", size=9,
+                                             color=figures.MARKER_COLORS.get(kind, "#999")),
+                                 hovertemplate="step %{x}: %{customdata}<extra></extra>"))
+    return lines + points
+
+
+def alert_annotations(markers: list[dict[str, Any]], limit: int = MAX_ALERT_NOTES) -> list[dict[str, Any]]:
+    """Text annotations (newest ``limit``) for the alert markers, pointing at the top of their line."""
+    alerts = [m for m in markers if m["kind"] == "alert"][-limit:]
+    return [dict(x=m["step"], y=1.0, xref="x", yref="paper", text=m["label"], showarrow=True, arrowhead=2,
+                 ax=0, ay=-18, font=dict(size=10, color=figures.MARKER_COLORS["alert"]), bgcolor="rgba(255,255,255,0.8)")
+            for m in alerts]
+
+
+def static_figures(data: ChartData, log_y: bool = False) -> dict[str, go.Figure]:
+    """The shared builders' figures (figures.all_figures) with alert annotations: the no-widget fallback."""
+    figs = figures.all_figures(data, log_y=log_y)
+    notes = alert_annotations(data.markers)
+    if notes:
+        for name in LINE_CHARTS:
+            figs[name].update_layout(annotations=notes)
+    return figs
+
+
+class LiveSource:
+    """The ChartData of a live Trainer, collected incrementally (what ``runview.chart_data`` returns, cheaper).
+
+    ``chart_data`` rebuilds the whole per-layer table (one row per parameter tensor every ``layer_every``
+    steps, with names) and every marker on each call, a cost that grows with the run. Here the series come
+    from the metric store's downsampled views every time (bounded by ``n_out``), the val series only after a
+    new evaluation, the layer table from the store's numeric columns only when new rows arrived (numpy,
+    thinned to ``max_cols`` steps) and the markers only when the event log grew. A trainer without the
+    in-memory layer store falls back to ``chart_data``.
+    """
+
+    def __init__(self, tr: Any, n_out: int = 2000, max_cols: int = 200, max_markers: int = 200) -> None:
+        self.tr, self.n_out, self.max_cols, self.max_markers = tr, int(n_out), int(max_cols), int(max_markers)
+        self._names = np.asarray([n for n, p in tr.model.named_parameters() if p.requires_grad], dtype=object)
+        self._val: tuple[Any, dict] = (None, {})
+        self._layers: tuple[Any, pd.DataFrame] = (None, empty_data().layers)
+        self._markers: tuple[Any, list] = (None, [])
+        self.checkpoint_events = 0            # how many checkpoint events the run has logged (seen at collect)
+
+    def collect(self) -> ChartData:
+        tr = self.tr
+        store = getattr(tr, "_layer_store", None)
+        if store is None or not hasattr(tr, "_events"):
+            return chart_data(tr, n_out=self.n_out, max_cols=self.max_cols, max_markers=self.max_markers)
+        series = {name: tr.series(name, self.n_out) for name in ("train_loss", "lr", "grad_norm")}
+        key = tr.last_eval.get("step")
+        if key != self._val[0] or not self._val[1]:
+            self._val = (key, {name: tr.series(name, self.n_out) for name in ("val_loss", "val_acc")})
+        series.update(self._val[1])
+        key = store.appended
+        if key != self._layers[0]:
+            self._layers = (key, self._layer_table(store))
+        n_events = len(tr._events)
+        if n_events != self._markers[0]:
+            self._markers = (n_events, self._marker_list())
+        points = max((len(x) for x, _ in series.values()), default=0)
+        return ChartData(series=series, layers=self._layers[1], markers=self._markers[1], points=points)
+
+    def _layer_table(self, store: Any) -> pd.DataFrame:
+        cols = store.tail(len(store), ("step", "layer", "grad_norm", "update_ratio"))
+        steps = cols["step"]
+        if not len(steps):
+            return empty_data().layers
+        firsts = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])   # rows arrive step by step
+        unique = steps[firsts]
+        if len(unique) > self.max_cols:
+            keep = unique[np.linspace(0, len(unique) - 1, self.max_cols).round().astype(int)]
+            mask = np.isin(steps, keep)
+        else:
+            mask = np.ones(len(steps), dtype=bool)
+        idx = cols["layer"][mask].astype(int)
+        return pd.DataFrame({"step": steps[mask].astype("int64"), "layer": self._names[idx],
+                             "grad_norm": cols["grad_norm"][mask], "update_ratio": cols["update_ratio"][mask]})
+
+    def _marker_list(self) -> list[dict[str, Any]]:
+        events = list(self.tr._events)        # append-only list of dicts (tr.events builds a DataFrame: slower)
+        self.checkpoint_events = sum(1 for e in events if e["kind"] == "checkpoint")
+        ev = [e for e in events if e["kind"] in MARKER_KINDS][-self.max_markers:]
+        return [{"step": int(e["step"]), "kind": e["kind"], "label": marker_label(e["kind"], e["data"])} for e in ev]
+
+
+def layer_matrix(layers: pd.DataFrame, value: str = "grad_norm") -> tuple[np.ndarray, list, np.ndarray]:
+    """(steps, layer names in model order, values[layer, step]): figures.layer_matrix in numpy (no pivot)."""
+    if layers.empty:
+        return np.array([]), [], np.zeros((0, 0))
+    names, li = np.unique(layers["layer"].to_numpy(dtype=object), return_inverse=True)
+    first = np.full(len(names), len(li))
+    np.minimum.at(first, li, np.arange(len(li)))
+    order = np.argsort(first)                       # first appearance = model order, as in figures.layer_matrix
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    steps, si = np.unique(layers["step"].to_numpy(), return_inverse=True)
+    z = np.full((len(names), len(steps)), np.nan)
+    z[rank[li], si] = layers[value].to_numpy(dtype=float)
+    return steps.astype(float), [str(n) for n in names[order]], z
+
+
+def _heatmap_z(z: np.ndarray) -> np.ndarray:
+    """log10 of the per-layer values (as figures.layer_heatmap draws them); non-positive -> NaN."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logz = np.where(z > 0, np.log10(z), np.nan)
+    return np.where(np.isfinite(logz), logz, np.nan)
+
+
+class LiveCharts:
+    """The panel's six FigureWidgets: loss (train/val, log-y toggle), lr, grad norm, val accuracy, per-layer
+    gradient-norm heatmap (layers x steps) and update/weight ratio per layer."""
+
+    def __init__(self, log_y: bool = False) -> None:
+        start = static_figures(empty_data(), log_y=log_y)
+        self.figs: dict[str, go.FigureWidget] = {}
+        for name in CHART_NAMES:
+            fig = start[name]
+            # a fixed width: a FigureWidget rendered into a grid cell cannot always measure the cell and would
+            # fall back to plotly's 700 px, wider than the cell (the panel's grid wraps to one column instead)
+            fig.update_layout(width=CHART_WIDTH)
+            if name in LINE_CHARTS:
+                fig.add_traces(_marker_traces())
+                fig.update_layout(yaxis2=dict(overlaying="y", range=[0, 1.05], visible=False, fixedrange=True))
+            self.figs[name] = go.FigureWidget(fig)
+        self._n_series = {name: (2 if name == "loss" else 1) for name in LINE_CHARTS}
+        self._marker_keys: dict[tuple[str, str], tuple] = {}   # (chart, marker group) -> markers drawn
+        self._layers_key: dict[str, tuple] = {}                 # layer chart -> layer table drawn
+        self._drawn: dict[tuple[str, str], Any] = {}            # (chart, series) -> the (x, y) tuple drawn
+        self._acked: set[str] = set()                           # charts a frontend has answered for
+        self._sent: dict[str, float] = {}
+        self.pending = False      # a chart was skipped while its frontend was busy: update again soon
+        self.log_y = log_y
+        for name, fig in self.figs.items():
+            fig.observe(lambda change, name=name: self._acked.add(name) if change["new"] else None,
+                        names="_js2py_traceDeltas")
+
+    # ------------------------------------------------------------------ updates
+    def set_log_y(self, on: bool) -> None:
+        """Log or linear y axis of the loss chart."""
+        self.log_y = bool(on)
+        self.figs["loss"].layout.yaxis.type = "log" if on else "linear"
+
+    def invalidate(self) -> None:
+        """Forget what was drawn: the next update rewrites every trace."""
+        self._marker_keys.clear()
+        self._layers_key.clear()
+        self._drawn.clear()
+
+    def reset(self) -> None:
+        """Clear the charts (another run is attached)."""
+        self.invalidate()
+        self._sent.clear()
+        self.update(empty_data())
+
+    def _busy(self, name: str, now: float) -> bool:
+        """Backpressure: a frontend that has answered before has not yet drawn this chart's last update.
+
+        After each update every view of a FigureWidget sends the drawn traces back to the kernel, which
+        processes them on its main thread; sending faster than the browser draws piles up messages and
+        delays button clicks by seconds. Without a frontend (tests, nbconvert) nothing ever answers, so
+        nothing is held back; an answer lost for ``ACK_TIMEOUT`` seconds stops holding back too.
+        """
+        fig = self.figs[name]
+        return (name in self._acked and bool(getattr(fig, "_trace_edit_in_process", False))
+                and now - self._sent.get(name, 0.0) < ACK_TIMEOUT)
+
+    def update(self, data: ChartData) -> None:
+        """Put new downsampled data into the existing traces (one batched message per figure); a chart
+        whose frontend is still drawing the previous update is skipped and :attr:`pending` set."""
+        self.pending = False
+        now = time.monotonic()
+        groups = {g: _marker_group(data.markers, kinds) for g, kinds in MARKER_GROUPS.items()}
+        n_groups = len(MARKER_GROUPS)
+        for name, names in SERIES.items():
+            fig = self.figs[name]
+            fresh = [s for s in names if self._drawn.get((name, s), _UNSET) is not data.series.get(s)]
+            stale = [g for g in MARKER_GROUPS if self._marker_keys.get((name, g)) != groups[g]["key"]]
+            if not fresh and not stale:
+                continue  # e.g. the val series between two evaluations: the same arrays as last time
+            if self._busy(name, now):
+                self.pending = True
+                continue
+            with fig.batch_update():
+                for s in fresh:
+                    i = names.index(s)
+                    x, y = _arrays(data, s)
+                    fig.data[i].x, fig.data[i].y = x, y
+                    self._drawn[(name, s)] = data.series.get(s)
+                k = self._n_series[name]
+                for j, g in enumerate(MARKER_GROUPS):
+                    if g not in stale:
+                        continue
+                    m = groups[g]
+                    line, pts = fig.data[k + j], fig.data[k + n_groups + j]
+                    line.x, line.y = m["line_x"], m["line_y"]
+                    pts.x, pts.y, pts.customdata = m["x"], m["y"], m["labels"]
+                    if g == "alerts":
+                        pts.text = m["text"]
+                    if g == "changes":   # control, rollback, policy, fork, resume: one colour each
+                        pts.marker.color = m["color"]
+                    self._marker_keys[(name, g)] = m["key"]
+            self._sent[name] = now
+        self._update_layers(data, now)
+
+    def _update_layers(self, data: ChartData, now: float) -> None:
+        L = data.layers
+        key = (len(L), int(L["step"].iloc[-1]) if len(L) else -1, int(L["step"].iloc[0]) if len(L) else -1)
+        todo = [n for n in ("layer_grad_norm", "update_ratio") if self._layers_key.get(n) != key]
+        if not todo:
+            return
+        steps, layers, z = layer_matrix(L, "grad_norm")
+        if "layer_grad_norm" in todo:
+            if self._busy("layer_grad_norm", now):
+                self.pending = True
+            else:
+                heat = self.figs["layer_grad_norm"]
+                with heat.batch_update():
+                    tr = heat.data[0]
+                    tr.x, tr.y, tr.z = steps, layers, _heatmap_z(z)
+                    height = max(250, 40 + 22 * len(layers))
+                    if heat.layout.height != height:
+                        heat.layout.height = height
+                self._layers_key["layer_grad_norm"] = key
+                self._sent["layer_grad_norm"] = now
+        if "update_ratio" not in todo:
+            return
+        if self._busy("update_ratio", now):
+            self.pending = True
+            return
+        fig = self.figs["update_ratio"]
+        self._layers_key["update_ratio"] = key
+        self._sent["update_ratio"] = now
+        weights = [name for name in layers if name.endswith("weight")]
+        if [t.name for t in fig.data] != weights:
+            # the set of layers changed (first data, another run): take the builder's traces as they are
+            fresh = figures.update_ratio_figure(data)
+            fig.data = ()                    # adding/removing traces is not allowed inside batch_update
+            fig.add_traces(list(fresh.data))
+            return
+        _, _, ratio = layer_matrix(L, "update_ratio")
+        rows = {name: i for i, name in enumerate(layers)}
+        with fig.batch_update():
+            for trace in fig.data:
+                y = ratio[rows[trace.name]]
+                ok = ~np.isnan(y)              # a layer missing at a step: no point (the builder has none either)
+                trace.x, trace.y = steps[ok], y[ok]
+
+    # ------------------------------------------------------------------ reading back
+    def points(self) -> int:
+        """Most points in any one trace of any chart (bounded by n_out, the marker cap and max_cols)."""
+        most = 0
+        for fig in self.figs.values():
+            for t in fig.data:
+                if t.type == "heatmap":
+                    most = max(most, len(t.x) if t.x is not None else 0)
+                elif t.x is not None:
+                    most = max(most, len(t.x))
+        return most

@@ -1,0 +1,593 @@
+"""The notebook panel: one widget to watch and steer a Trainer from Jupyter.
+
+``panel(tr)`` (or ``tr.panel()``) returns a :class:`Panel`, an ``ipywidgets.VBox`` holding
+
+* controls: lr (log slider + text box), batch size, precision, grad clip, accumulation, weight decay; each
+  change goes through ``Trainer.set(..., source="notebook")`` and a refused value is shown in the panel;
+* buttons start / pause / resume / step n / stop / save checkpoint, a status line (status, step, epoch,
+  samples/s, ETA, losses, health) and a progress bar;
+* live plotly FigureWidgets (see :mod:`.charts`): loss with a log-y toggle, lr, grad norm, val accuracy,
+  a per-layer gradient-norm heatmap and the update/weight ratio per layer, with markers at live changes,
+  checkpoints and alerts;
+* the diagnosis: open alerts with message, evidence and one button per suggested action, plus dismiss;
+* a checkpoint browser (step, monitored metric, tag) with "resume from" and "fork with changes".
+
+Threads: hooks run on the trainer thread and never touch a widget. One poller (:mod:`.poller`) calls
+:meth:`Panel.refresh` at most 5 times a second; a refresh that finds nothing new (same step, status,
+event count, alerts) returns at once. Each refresh reads the metric store's downsampled series
+(:class:`.charts.LiveSource`, an incremental ``runview.chart_data``), so its cost does not grow with the
+length of the run. Widgets are only created on the caller's thread; the poller only assigns values.
+
+Without a widget frontend (nbconvert to HTML, a plain console) the panel's display bundle also carries a
+static version: the shared figures as plotly HTML plus a status text (``static_html``).
+"""
+from __future__ import annotations
+
+import ast
+import html
+import math
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import ipywidgets as widgets
+
+from ..runview import chart_data
+from .charts import CHART_WIDTH, LiveCharts, LiveSource, static_figures
+from .poller import Poller
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..diagnosis import Alert
+    from ..trainer import Trainer
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ALERT_SLOTS = 5            # open alerts shown at once (newest first); the rest are counted
+ACTION_BUTTONS = 4         # suggested actions shown per alert
+SEVERITY_COLORS = {"info": "#1f77b4", "warning": "#ff7f0e", "critical": "#d62728"}
+STATUS_STYLES = {"running": "info", "paused": "warning", "finished": "success", "stopped": "success",
+                 "failed": "danger", "idle": ""}
+_WIDE = {"description_width": "initial"}
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    if v is None:
+        return "-"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return format(f, spec) if math.isfinite(f) else str(f)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def parse_changes(text: str) -> dict[str, Any]:
+    """``"lr=3e-4, batch_size=32"`` -> ``{"lr": 0.0003, "batch_size": 32}`` (values are Python literals;
+    a bare word such as ``bf16`` is taken as a string). Raises ValueError on a malformed item."""
+    out: dict[str, Any] = {}
+    for item in text.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"changes: got {item!r}; allowed: name=value items separated by commas, "
+                             f"e.g. lr=3e-4, batch_size=32")
+        name, value = (p.strip() for p in item.split("=", 1))
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name] = value
+    return out
+
+
+def status_text(tr: "Trainer", snap: dict[str, Any] | None = None, eta: float | None = None) -> str:
+    """One plain-text status line: status, step/total, epoch, samples/s, ETA, losses, health."""
+    s = snap or tr.snapshot()
+    total = s.get("total_steps")
+    ev = s.get("last_eval") or {}
+    parts = [s["status"], f"step {s['step']}" + (f"/{total}" if total else ""), f"epoch {s['epoch']}",
+             f"{_fmt(s.get('samples_per_s'), ',.0f')} samples/s", f"ETA {_duration(eta)}",
+             f"loss {_fmt(s.get('train_loss'))}"]
+    if ev:
+        parts.append(f"val loss {_fmt(ev.get('val_loss'))}")
+        if ev.get("val_acc") is not None and math.isfinite(float(ev.get("val_acc", math.nan))):
+            parts.append(f"val acc {float(ev['val_acc']):.3f}")
+    parts.append(f"health {tr.diagnose()['health']}")
+    return " · ".join(parts)
+
+
+def static_html(tr: "Trainer", n_out: int = 500, include_plotlyjs: bool | str = "cdn", log_y: bool = False) -> str:
+    """The run as static HTML: a status line, the open alerts and the shared figures (no widgets needed).
+
+    ``include_plotlyjs="cdn"`` loads plotly.js from its CDN when the page is viewed (small output);
+    ``True`` embeds it (about 4.5 MB, works offline).
+    """
+    data = chart_data(tr, n_out=n_out)
+    parts = [f"<div><b>Training Workbench</b> — {html.escape(str(tr.run_dir))}<br>"
+             f"<code>{html.escape(status_text(tr))}</code></div>"]
+    for a in tr.diagnose()["alerts"]:
+        parts.append(f"<div style='border-left:4px solid {SEVERITY_COLORS.get(a.severity, '#999')};"
+                     f"padding:2px 8px;margin:4px 0'><b>{html.escape(a.severity)} · {html.escape(a.kind)}</b> at "
+                     f"step {a.step}: {html.escape(a.message)}<br><small>{html.escape(a.evidence)}</small></div>")
+    first = True
+    for fig in static_figures(data, log_y=log_y).values():
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs if first else False))
+        first = False
+    return "\n".join(parts)
+
+
+class StaticView:
+    """A snapshot of the run that needs no widget frontend: static plotly figures + a status text."""
+
+    def __init__(self, tr: "Trainer", include_plotlyjs: bool | str = "cdn") -> None:
+        self.trainer, self.include_plotlyjs = tr, include_plotlyjs
+
+    def _repr_html_(self) -> str:
+        return static_html(self.trainer, include_plotlyjs=self.include_plotlyjs)
+
+    def __repr__(self) -> str:
+        return status_text(self.trainer)
+
+
+class Panel(widgets.VBox):
+    """Controls, live charts, diagnosis and checkpoints of one Trainer (see the module docstring).
+
+    ``poll``: "auto" (an asyncio task in a kernel, else a thread), "asyncio", "thread", or None for no
+    poller (call :meth:`refresh` yourself). ``interval``: seconds between polls (0.2 = at most 5 Hz).
+    ``n_out``: points per downsampled series.
+    """
+
+    def __init__(self, trainer: "Trainer", *, poll: str | None = "auto", interval: float = 0.2,
+                 n_out: int = 2000, log_y: bool = False) -> None:
+        self.trainer = trainer
+        self.trainers: list["Trainer"] = [trainer]     # every run this panel has shown (forks, resumes)
+        self.n_out = int(n_out)
+        self.refresh_count = 0
+        self.last_refresh_s = math.nan
+        self.last_request: Any = None
+        self.last_error: str | None = None
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._key: tuple | None = None
+        self._data_key: tuple | None = None
+        self._alerts_key: tuple | None = None
+        self._ckpt_until = 0.0
+        self._ckpt_read = 0.0
+        self._ckpt_seen = -1
+        self._ckpt_rows: tuple = ()
+        self._pending: dict[str, Any] = {}
+        self._rate: float | None = None
+        self._last_obs: tuple[float, int] | None = None
+        self._source = LiveSource(trainer, n_out=self.n_out)
+        self._build(log_y)
+        self.refresh(force=True)
+        self.poller = Poller(self._tick, interval=interval, mode=poll) if poll else None
+        if self.poller is not None:
+            self.poller.start()
+
+    # ================================================================= building
+    def _build(self, log_y: bool) -> None:
+        c = self.trainer.controls
+        self.title = widgets.HTML()
+        self.lr_slider = widgets.FloatLogSlider(value=c.lr, base=10, min=-6, max=1, step=0.05, description="lr",
+                                                continuous_update=False, readout_format=".2e", style=_WIDE)
+        self.lr_text = widgets.FloatText(value=c.lr, description="", layout=widgets.Layout(width="110px"))
+        self.batch_size = widgets.IntText(value=c.batch_size, description="batch size", style=_WIDE,
+                                          layout=widgets.Layout(width="170px"))
+        self.precision = widgets.Dropdown(options=PRECISIONS, value=c.precision, description="precision",
+                                          style=_WIDE, layout=widgets.Layout(width="170px"))
+        self.grad_clip = widgets.FloatText(value=c.grad_clip or 0.0, description="grad clip (0 = off)", style=_WIDE,
+                                           layout=widgets.Layout(width="200px"))
+        self.accumulate = widgets.IntText(value=c.accumulate, description="accumulate", style=_WIDE,
+                                          layout=widgets.Layout(width="160px"))
+        self.weight_decay = widgets.FloatText(value=c.weight_decay, description="weight decay", style=_WIDE,
+                                              layout=widgets.Layout(width="190px"))
+        self.controls: dict[str, widgets.Widget] = {
+            "lr": self.lr_slider, "batch_size": self.batch_size, "precision": self.precision,
+            "grad_clip": self.grad_clip, "accumulate": self.accumulate, "weight_decay": self.weight_decay}
+        for name, w in self.controls.items():
+            w.observe(self._control_handler(name), names="value")
+        self.lr_text.observe(self._control_handler("lr"), names="value")
+
+        def button(label: str, icon: str, fn: Callable[[], Any], style: str = "") -> widgets.Button:
+            b = widgets.Button(description=label, icon=icon, button_style=style,
+                               layout=widgets.Layout(width="auto"))
+            b.on_click(lambda _b: self._guard(label, fn))
+            return b
+
+        self.start_button = button("start", "play", self._start, "success")
+        self.pause_button = button("pause", "pause", lambda: self._post("pause", self.trainer.pause(source="notebook")))
+        self.resume_button = button("resume", "play", self._resume)
+        self.step_n = widgets.BoundedIntText(value=10, min=1, max=10**9, layout=widgets.Layout(width="80px"))
+        self.step_button = button("step", "step-forward", self._step)
+        self.stop_button = button("stop", "stop", lambda: self._post("stop", self.trainer.stop(source="notebook")),
+                                  "danger")
+        self.save_button = button("save checkpoint", "save", self._save)
+        self.log_y = widgets.Checkbox(value=log_y, description="log y (loss)", indent=False,
+                                      layout=widgets.Layout(width="auto"))
+        self.log_y.observe(lambda ch: self._guard("log y", lambda: self.charts.set_log_y(ch["new"])), names="value")
+
+        self.status = widgets.HTML()
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="100%"))
+        self.message = widgets.HTML()
+
+        self.charts = LiveCharts(log_y=log_y)
+        self.figures = self.charts.figs
+        grid = widgets.GridBox(list(self.figures.values()),
+                               layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {CHART_WIDTH + 10}px)",
+                                                     width="100%"))
+
+        # ---- diagnosis: fixed slots (created here, on the main thread; the poller only changes their values)
+        self.health = widgets.HTML()
+        self.alert_slots: list[dict[str, Any]] = []
+        slot_boxes = []
+        for i in range(ALERT_SLOTS):
+            text = widgets.HTML()
+            actions = []
+            for j in range(ACTION_BUTTONS):
+                b = widgets.Button(layout=widgets.Layout(width="auto", display="none"))
+                b.on_click(lambda _b, i=i, j=j: self._guard("action", lambda: self._apply_action(i, j)))
+                actions.append(b)
+            dismiss = widgets.Button(description="dismiss (false alarm)", icon="times",
+                                     layout=widgets.Layout(width="auto"))
+            dismiss.on_click(lambda _b, i=i: self._guard("dismiss", lambda: self._dismiss(i)))
+            box = widgets.VBox([text, widgets.HBox(actions + [dismiss], layout=widgets.Layout(flex_flow="row wrap"))],
+                               layout=widgets.Layout(display="none"))
+            self.alert_slots.append({"alert_id": None, "text": text, "actions": actions, "dismiss": dismiss,
+                                     "box": box})
+            slot_boxes.append(box)
+        self.diagnosis = widgets.VBox([widgets.HTML("<b>Diagnosis</b>"), self.health] + slot_boxes)
+
+        # ---- checkpoint browser
+        self.checkpoint_list = widgets.Select(options=[], rows=6, layout=widgets.Layout(width="100%"))
+        self.resume_from_button = button("resume from", "undo", self._resume_from)
+        self.fork_changes = widgets.Text(value="", placeholder="changes, e.g. lr=3e-4, batch_size=32",
+                                         layout=widgets.Layout(width="320px"))
+        self.fork_button = button("fork with changes", "code-branch", self._fork)
+        self.checkpoint_browser = widgets.VBox([
+            widgets.HTML("<b>Checkpoints</b> (step · monitored metric · tag)"), self.checkpoint_list,
+            widgets.HBox([self.resume_from_button, self.fork_changes, self.fork_button])])
+
+        buttons = widgets.HBox([self.start_button, self.pause_button, self.resume_button, self.step_button,
+                                self.step_n, self.stop_button, self.save_button, self.log_y],
+                               layout=widgets.Layout(flex_flow="row wrap"))
+        controls = widgets.HBox([self.lr_slider, self.lr_text, self.batch_size, self.precision, self.grad_clip,
+                                 self.accumulate, self.weight_decay], layout=widgets.Layout(flex_flow="row wrap"))
+        super().__init__([self.title, controls, buttons, self.status, self.progress, self.message, grid,
+                          self.diagnosis, self.checkpoint_browser])
+
+    # ================================================================= refreshing
+    @property
+    def _syncing(self) -> bool:
+        return getattr(self._local, "on", False)
+
+    def _set_quietly(self, w: widgets.Widget, value: Any) -> None:
+        """Set a control's value without sending it to the trainer (it came from the trainer)."""
+        if w.value == value:
+            return
+        self._local.on = True
+        try:
+            w.value = value
+        finally:
+            self._local.on = False
+
+    def _change_key(self, tr: "Trainer") -> tuple:
+        events = getattr(tr, "_events", None)
+        n_events = len(events) if events is not None else len(tr.events)
+        alerts = tr.alerts
+        return (id(tr), tr.step_count, tr.status, n_events, len(alerts), sum(a.dismissed for a in alerts),
+                tr.last_eval.get("step"))
+
+    def _tick(self) -> None:
+        """One poll: refresh when something changed; errors are shown in the panel, never raised."""
+        try:
+            self.refresh()
+        except Exception as e:  # noqa: BLE001 - the poller must keep going
+            self._say(f"refresh failed: {type(e).__name__}: {e}", error=True)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Read the trainer and update what changed (status, controls, charts, alerts, checkpoints).
+
+        Returns True when something was redrawn. Safe to call from any thread (calls are serialised);
+        tests call it directly, the poller calls it at most 5 times a second.
+        """
+        with self._lock:
+            tr = self.trainer
+            key = self._change_key(tr)
+            changed = force or key != self._key or self.charts.pending
+            if changed:
+                t0 = time.perf_counter()
+                snap = tr.snapshot()
+                self._update_status(tr, snap)
+                self._sync_controls(snap["controls"])
+                self._update_buttons(snap["status"])
+                data_key = key[:4] + key[6:]
+                if force or data_key != self._data_key or self.charts.pending:
+                    self.charts.update(self._source.collect())
+                    self._data_key = data_key
+                report = tr.diagnose()
+                alerts_key = (key[0], key[5], tuple(a.id for a in report["alerts"]))
+                if force or alerts_key != self._alerts_key:
+                    self._update_alerts(report)
+                    self._alerts_key = alerts_key
+                if self._source.checkpoint_events != self._ckpt_seen:
+                    self._ckpt_seen = self._source.checkpoint_events
+                    self._ckpt_until = time.monotonic() + 3.0   # its table row lands once the file is written
+                self._key = key
+                self.refresh_count += 1
+                self.last_refresh_s = time.perf_counter() - t0
+            now = time.monotonic()
+            if force or (now < self._ckpt_until and now - self._ckpt_read >= 0.5):
+                self._ckpt_read = now
+                self._update_checkpoints(tr)
+            return changed
+
+    def _update_status(self, tr: "Trainer", snap: dict[str, Any]) -> None:
+        now = time.monotonic()
+        step, status = int(snap["step"]), snap["status"]
+        if self._last_obs is not None and status == "running" and step > self._last_obs[1] and now > self._last_obs[0]:
+            inst = (step - self._last_obs[1]) / (now - self._last_obs[0])
+            self._rate = inst if self._rate is None else 0.7 * self._rate + 0.3 * inst
+        self._last_obs = (now, step)
+        total = snap.get("total_steps")
+        eta = (total - step) / self._rate if status == "running" and total and self._rate else None
+        color = {"running": "#1f77b4", "paused": "#ff7f0e", "failed": "#d62728"}.get(status, "#2ca02c")
+        self.status.value = (f"<span style='color:{color};font-weight:bold'>{html.escape(status)}</span> "
+                             f"<code>{html.escape(status_text(tr, snap, eta).split(' · ', 1)[1])}</code>")
+        self.progress.max = max(1, int(total or step or 1))
+        self.progress.value = min(step, self.progress.max)
+        self.progress.bar_style = STATUS_STYLES.get(status, "")
+        lineage = tr.lineage
+        extra = (f" — fork of {html.escape(str(lineage.get('parent_run')))} at step {lineage.get('parent_step')}"
+                 if lineage else "")
+        self.title.value = f"<b>Training Workbench</b> — <code>{html.escape(str(tr.run_dir))}</code>{extra}"
+
+    def _sync_controls(self, controls: dict[str, Any]) -> None:
+        for name, w in self.controls.items():
+            req = self._pending.get(name)
+            if req is not None and req.status == "pending":
+                continue  # the user's value is on its way; do not flip the widget back meanwhile
+            self._pending.pop(name, None)
+            value = controls.get(name)
+            if name == "grad_clip":
+                value = value or 0.0
+            if name == "lr":
+                self._set_quietly(self.lr_text, float(value))
+                value = min(max(float(value), 10.0 ** self.lr_slider.min), 10.0 ** self.lr_slider.max)
+            self._set_quietly(w, value)
+
+    def _update_buttons(self, status: str) -> None:
+        enabled = {"start": status == "idle", "pause": status == "running", "resume": status == "paused",
+                   "step": status in ("paused", "idle"), "stop": status in ("running", "paused"),
+                   "save": status != "failed"}
+        for name, on in enabled.items():
+            getattr(self, f"{name}_button").disabled = not on
+        ended = status in ("finished", "stopped", "failed")
+        for w in list(self.controls.values()) + [self.lr_text]:
+            w.disabled = ended
+
+    def _update_alerts(self, d: dict[str, Any]) -> None:
+        current: list["Alert"] = sorted(d["alerts"], key=lambda a: (a.step, a.id), reverse=True)
+        color = SEVERITY_COLORS.get(d["health"], "#2ca02c")
+        more = len(current) - ALERT_SLOTS
+        self.health.value = (f"health: <b style='color:{color}'>{html.escape(d['health'])}</b> — "
+                             f"{html.escape(d['summary'])}" + (f" ({more} more in <code>tr.alerts</code>)"
+                                                                if more > 0 else ""))
+        for slot, alert in zip(self.alert_slots, current + [None] * ALERT_SLOTS):
+            if alert is None:
+                slot["alert_id"] = None
+                slot["box"].layout.display = "none"
+                continue
+            slot["alert_id"] = alert.id
+            slot["text"].value = (
+                f"<div style='border-left:4px solid {SEVERITY_COLORS.get(alert.severity, '#999')};padding:2px 8px'>"
+                f"<b>{html.escape(alert.severity)} · {html.escape(alert.kind)}</b> at step {alert.step} "
+                f"(confidence {alert.confidence:.0%})<br>{html.escape(alert.message)}<br>"
+                f"<small><b>Evidence:</b> {html.escape(alert.evidence)}</small></div>")
+            for j, b in enumerate(slot["actions"]):
+                action = alert.actions[j] if j < len(alert.actions) else None
+                if action is None:
+                    b.layout.display = "none"
+                    continue
+                b.description = action.label
+                b.disabled = not action.applicable
+                b.tooltip = action.hint or action.label
+                b.button_style = "warning" if action.rollback else "info"
+                b.layout.display = ""
+            slot["box"].layout.display = ""
+
+    def _update_checkpoints(self, tr: "Trainer") -> None:
+        table = tr.checkpoints
+        rows = tuple((int(r.step), str(r.path), r.metric, str(r.tag)) for r in table.itertuples()) \
+            if not table.empty else ()
+        if rows == self._ckpt_rows:
+            return
+        self._ckpt_rows = rows
+        monitor = tr.cfg.monitor
+        options = [(f"step {step:>8,} · {monitor} {_fmt(metric)} · {tag}", path)
+                   for step, path, metric, tag in reversed(rows)]
+        keep = self.checkpoint_list.value
+        self.checkpoint_list.options = options
+        paths = [p for _, p in options]
+        self.checkpoint_list.value = keep if keep in paths else (paths[0] if paths else None)
+
+    # ================================================================= handlers (main thread)
+    def _say(self, text: str, error: bool = False) -> None:
+        if error:
+            self.last_error = text
+        color = "#d62728" if error else "#555"
+        self.message.value = f"<span style='color:{color}'>{html.escape(text)}</span>"
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a handler; show any error in the panel (a ValueError from bad input, a refused action...)."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - never raise into the kernel log from a widget callback
+            self._say(f"{what}: {type(e).__name__}: {e}", error=True)
+            return None
+
+    def _post(self, what: str, req: Any) -> Any:
+        self.last_request = req
+        if req.status == "refused":
+            self._say(f"{what}: refused — {req.message}", error=True)
+        else:
+            self._say(f"{what}: requested (applied at the next step boundary)")
+        return req
+
+    def _control_handler(self, name: str) -> Callable[[dict], None]:
+        def handler(change: dict) -> None:
+            if self._syncing:
+                return
+            self._guard(name, lambda: self._set_control(name, change["new"]))
+        return handler
+
+    def _set_control(self, name: str, value: Any) -> None:
+        tr = self.trainer
+        if name == "grad_clip" and value == 0:
+            value = None
+        try:
+            req = tr.set(source="notebook", **{name: value})
+        except Exception:
+            current = tr.controls.state_dict()[name]    # put the widget back to the value in force
+            if name == "lr":
+                self._set_quietly(self.lr_text, float(current))
+                self._set_quietly(self.lr_slider, min(max(float(current), 1e-6), 10.0))
+            else:
+                self._set_quietly(self.controls[name], 0.0 if name == "grad_clip" and current is None else current)
+            raise
+        self._pending[name] = req
+        if name == "lr":  # keep the slider and the text box showing the same lr
+            self._set_quietly(self.lr_text, float(value))
+            self._set_quietly(self.lr_slider, min(max(float(value), 1e-6), 10.0))
+        self._post(f"{name} = {value}", req)
+
+    def _start(self) -> None:
+        self.trainer.start()
+        self._say("started")
+        self.refresh()
+
+    def _step(self) -> None:
+        tr = self.trainer
+        if tr.status == "running":
+            raise RuntimeError("step n runs n steps while paused; press pause first")
+        if tr.status == "idle":
+            tr.start(paused=True)      # step on a run not started yet: start it paused, then step
+        self._post(f"step {self.step_n.value}", tr.step(self.step_n.value, source="notebook"))
+
+    def _resume(self) -> None:
+        self._post("resume", self.trainer.resume(source="notebook"))
+
+    def _save(self) -> None:
+        path = self.trainer.save_checkpoint(source="notebook", timeout=30.0)
+        self._say(f"checkpoint saved: {path}")
+        self.refresh()
+        self._update_checkpoints(self.trainer)
+
+    def _slot_alert(self, i: int) -> int:
+        alert_id = self.alert_slots[i]["alert_id"]
+        if alert_id is None:
+            raise ValueError("this alert is no longer open")
+        return alert_id
+
+    def _apply_action(self, i: int, j: int) -> None:
+        tr = self.trainer
+        alert_id = self._slot_alert(i)
+        alert = next((a for a in tr.alerts if a.id == alert_id), None)
+        label = alert.actions[j].label if alert is not None and j < len(alert.actions) else f"action {j}"
+        req = tr.apply_action(alert_id, j, source="notebook")
+        self._post(label, req)
+        if tr.status == "paused" and req.status != "refused":
+            self._say(f"{label}: requested; the run is paused — press resume (or step) to continue")
+
+    def _dismiss(self, i: int) -> None:
+        self._post("dismiss", self.trainer.dismiss(self._slot_alert(i), source="notebook"))
+
+    def _selected_checkpoint(self) -> str:
+        path = self.checkpoint_list.value
+        if not path:
+            raise ValueError("select a checkpoint in the list first")
+        return path
+
+    def _resume_from(self) -> "Trainer":
+        """Continue this run from the selected checkpoint (same run directory; later rows are dropped)."""
+        from ..trainer import Trainer
+
+        tr = self.trainer
+        if tr.is_alive:
+            raise RuntimeError("the run is still going; stop it first (resuming continues in the same run "
+                               "directory, so only one trainer may write there)")
+        own = getattr(tr, "_own_model", True)
+        objects = {} if own else dict(model=tr.model, train_data=tr.train_data, val_data=tr.val_data,
+                                      loss_fn=tr.loss_fn, task=tr.task)
+        new = Trainer.from_checkpoint(self._selected_checkpoint(), **objects)
+        self.attach(new)
+        self._say(f"resumed from step {new.step_count}: press start to continue (panel.trainer is the new run)")
+        return new
+
+    def _fork(self) -> "Trainer":
+        """A new run from the selected checkpoint with the changes typed next to the button."""
+        changes = parse_changes(self.fork_changes.value)
+        child = self.trainer.fork(checkpoint=self._selected_checkpoint(), source="notebook", **changes)
+        self.attach(child)
+        self._say(f"forked at step {child.step_count} into {child.run_dir} with {changes or 'no changes'}: press "
+                  f"start (panel.trainer is the fork; panel.trainers[-2] the parent)")
+        return child
+
+    # ================================================================= public
+    def attach(self, trainer: "Trainer") -> None:
+        """Show another run in this panel (after resume-from or a fork)."""
+        with self._lock:
+            self.trainer = trainer
+            self._source = LiveSource(trainer, n_out=self.n_out)
+            if trainer not in self.trainers:
+                self.trainers.append(trainer)
+            self._key = self._data_key = self._alerts_key = None
+            self._pending.clear()
+            self._rate, self._last_obs, self._ckpt_rows, self._ckpt_seen = None, None, (), -1
+            self.charts.reset()
+            self.refresh(force=True)
+
+    def redraw(self) -> None:
+        """Rewrite every chart from the trainer's current data (no cache), then refresh the rest."""
+        with self._lock:
+            self._source = LiveSource(self.trainer, n_out=self.n_out)
+            self.charts.invalidate()
+            self.refresh(force=True)
+
+    def points(self) -> int:
+        """Most points in any one chart trace (bounded however long the run)."""
+        return self.charts.points()
+
+    def static_html(self, include_plotlyjs: bool | str = "cdn") -> str:
+        """The static fallback of this panel (see :func:`static_html`)."""
+        return static_html(self.trainer, include_plotlyjs=include_plotlyjs, log_y=self.log_y.value)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The widget view, plus static HTML for frontends without widgets (nbconvert to HTML)."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        try:
+            bundle["text/html"] = self.static_html()
+        except Exception as e:  # noqa: BLE001 - the live widget still works without its fallback
+            bundle["text/html"] = f"<pre>{html.escape(status_text(self.trainer))}\n(static charts failed: {e})</pre>"
+        bundle["text/plain"] = f"Training Workbench panel: {status_text(self.trainer)}"
+        return bundle
+
+    def close(self) -> None:
+        """Stop the poller and close the widgets."""
+        if self.poller is not None:
+            self.poller.stop()
+        for fig in self.figures.values():
+            fig.close()
+        super().close()
+
+
+def panel(trainer: "Trainer", *, static: bool = False, **options: Any) -> Panel | StaticView:
+    """The notebook panel of a run (``static=True``: a widget-free snapshot; options go to :class:`Panel`)."""
+    if static:
+        return StaticView(trainer, **options)
+    return Panel(trainer, **options)
