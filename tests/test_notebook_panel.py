@@ -286,3 +286,44 @@ def test_only_the_notebook_subpackage_imports_ipywidgets():
                  if "notebook" not in f.relative_to(ROOT / "workbench").parts
                  and re.search(r"^\s*(import|from)\s+ipywidgets", f.read_text(), re.M)]
     assert offenders == []
+
+
+def test_live_source_matches_chart_data(runs_root):
+    """The panel's incremental collector gives what runview.chart_data gives (series, layers, markers)."""
+    import numpy as np
+    import pandas as pd
+
+    from workbench import figures
+    from workbench.notebook.charts import LiveSource, layer_matrix
+    from workbench.runview import chart_data
+
+    tr = small(runs_root, max_steps=300, layer_every=2, checkpoint_every=50, lr=3e-3)
+    tr.start(paused=True)
+    tr.step(100).wait(30)
+    tr.set(lr=1e-3).wait(10)
+    tr.resume()
+    tr.join(60)
+    a, b = chart_data(tr, max_cols=40), LiveSource(tr, max_cols=40).collect()
+    for name in a.series:
+        for u, v in zip(a.series[name], b.series[name]):
+            assert np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True), name
+    pd.testing.assert_frame_equal(a.layers.reset_index(drop=True), b.layers.reset_index(drop=True), check_dtype=False)
+    assert a.markers == b.markers and any(m["kind"] == "control" for m in b.markers)
+    s1, l1, z1 = figures.layer_matrix(a)
+    s2, l2, z2 = layer_matrix(b.layers)
+    assert list(s1) == list(s2) and l1 == l2 and np.array_equal(z1, z2, equal_nan=True)
+
+
+@pytest.mark.slow
+def test_refresh_bench_runs_in_quick_mode(tmp_path):
+    """bench/notebook_refresh.py --quick exits 0 and ends with its ratio line (no timing assertion)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "notebook_refresh.py"), "--quick"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert lines[-1].startswith("ratio") and "max points/trace" in proc.stdout

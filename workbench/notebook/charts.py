@@ -117,7 +117,7 @@ class LiveSource:
 
     def __init__(self, tr: Any, n_out: int = 2000, max_cols: int = 200, max_markers: int = 200) -> None:
         self.tr, self.n_out, self.max_cols, self.max_markers = tr, int(n_out), int(max_cols), int(max_markers)
-        self._names = np.asarray([n for n, p in tr.model.named_parameters() if p.requires_grad], dtype=object)
+        self.names = np.asarray([n for n, p in tr.model.named_parameters() if p.requires_grad], dtype=object)
         self._val: tuple[Any, dict] = (None, {})
         self._layers: tuple[Any, pd.DataFrame] = (None, empty_data().layers)
         self._markers: tuple[Any, list] = (None, [])
@@ -155,7 +155,7 @@ class LiveSource:
         else:
             mask = np.ones(len(steps), dtype=bool)
         idx = cols["layer"][mask].astype(int)
-        return pd.DataFrame({"step": steps[mask].astype("int64"), "layer": self._names[idx],
+        return pd.DataFrame({"step": steps[mask].astype("int64"), "layer": self.names[idx],
                              "grad_norm": cols["grad_norm"][mask], "update_ratio": cols["update_ratio"][mask]})
 
     def _marker_list(self) -> list[dict[str, Any]]:
@@ -166,19 +166,14 @@ class LiveSource:
 
 
 def layer_matrix(layers: pd.DataFrame, value: str = "grad_norm") -> tuple[np.ndarray, list, np.ndarray]:
-    """(steps, layer names in model order, values[layer, step]): figures.layer_matrix in numpy (no pivot)."""
+    """(steps, layer names in model order, values[layer, step]): figures.layer_matrix without a pivot table."""
     if layers.empty:
         return np.array([]), [], np.zeros((0, 0))
-    names, li = np.unique(layers["layer"].to_numpy(dtype=object), return_inverse=True)
-    first = np.full(len(names), len(li))
-    np.minimum.at(first, li, np.arange(len(li)))
-    order = np.argsort(first)                       # first appearance = model order, as in figures.layer_matrix
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
+    li, names = pd.factorize(layers["layer"])      # codes in order of first appearance = model order
     steps, si = np.unique(layers["step"].to_numpy(), return_inverse=True)
     z = np.full((len(names), len(steps)), np.nan)
-    z[rank[li], si] = layers[value].to_numpy(dtype=float)
-    return steps.astype(float), [str(n) for n in names[order]], z
+    z[li, si] = layers[value].to_numpy(dtype=float)
+    return steps.astype(float), [str(n) for n in names], z
 
 
 def _heatmap_z(z: np.ndarray) -> np.ndarray:
@@ -188,12 +183,22 @@ def _heatmap_z(z: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(logz), logz, np.nan)
 
 
+def _placeholder(layer_names: list[str] | None) -> ChartData:
+    """Empty data that still names the layers, so the update-ratio chart gets one trace per weight tensor
+    from the start (rebuilding traces at the first data would cost that refresh ~70 ms)."""
+    data = empty_data()
+    if layer_names:
+        data.layers = pd.DataFrame({"step": 0, "layer": list(layer_names), "grad_norm": np.nan,
+                                    "update_ratio": np.nan})
+    return data
+
+
 class LiveCharts:
     """The panel's six FigureWidgets: loss (train/val, log-y toggle), lr, grad norm, val accuracy, per-layer
     gradient-norm heatmap (layers x steps) and update/weight ratio per layer."""
 
-    def __init__(self, log_y: bool = False) -> None:
-        start = static_figures(empty_data(), log_y=log_y)
+    def __init__(self, log_y: bool = False, layer_names: list[str] | None = None) -> None:
+        start = static_figures(_placeholder(layer_names), log_y=log_y)
         self.figs: dict[str, go.FigureWidget] = {}
         for name in CHART_NAMES:
             fig = start[name]
@@ -228,11 +233,19 @@ class LiveCharts:
         self._layers_key.clear()
         self._drawn.clear()
 
-    def reset(self) -> None:
-        """Clear the charts (another run is attached)."""
+    def reset(self, layer_names: list[str] | None = None) -> None:
+        """Clear the charts for another run (with its parameter names)."""
         self.invalidate()
         self._sent.clear()
+        self._rebuild_ratio(_placeholder(layer_names))
         self.update(empty_data())
+
+    def _rebuild_ratio(self, data: ChartData) -> None:
+        """Replace the update-ratio traces by the shared builder's (a new set of layers)."""
+        fig = self.figs["update_ratio"]
+        fresh = figures.update_ratio_figure(data)
+        fig.data = ()                    # adding/removing traces is not allowed inside batch_update
+        fig.add_traces(list(fresh.data))
 
     def _busy(self, name: str, now: float) -> bool:
         """Backpressure: a frontend that has answered before has not yet drawn this chart's last update.
@@ -313,11 +326,13 @@ class LiveCharts:
         self._layers_key["update_ratio"] = key
         self._sent["update_ratio"] = now
         weights = [name for name in layers if name.endswith("weight")]
+        if L.empty:                            # no layer statistics yet: keep the traces, without points
+            with fig.batch_update():
+                for trace in fig.data:
+                    trace.x, trace.y = [], []
+            return
         if [t.name for t in fig.data] != weights:
-            # the set of layers changed (first data, another run): take the builder's traces as they are
-            fresh = figures.update_ratio_figure(data)
-            fig.data = ()                    # adding/removing traces is not allowed inside batch_update
-            fig.add_traces(list(fresh.data))
+            self._rebuild_ratio(data)          # another set of layers than the traces show
             return
         _, _, ratio = layer_matrix(L, "update_ratio")
         rows = {name: i for i, name in enumerate(layers)}

@@ -138,15 +138,21 @@ class Panel(widgets.VBox):
     """Controls, live charts, diagnosis and checkpoints of one Trainer (see the module docstring).
 
     ``poll``: "auto" (an asyncio task in a kernel, else a thread), "asyncio", "thread", or None for no
-    poller (call :meth:`refresh` yourself). ``interval``: seconds between polls (0.2 = at most 5 Hz).
-    ``n_out``: points per downsampled series.
+    poller (call :meth:`refresh` yourself). ``interval``: seconds between polls (0.2 = status at most 5 Hz).
+    ``chart_interval``: the poller redraws the charts at most this often (six plotly charts redrawn five
+    times a second would keep a browser's main thread busy; the browser also acknowledges each chart
+    update, and a chart waits for that before it is sent again). ``n_out``: points per downsampled series.
     """
 
     def __init__(self, trainer: "Trainer", *, poll: str | None = "auto", interval: float = 0.2,
-                 n_out: int = 2000, log_y: bool = False) -> None:
+                 chart_interval: float = 1.0, n_out: int = 2000, log_y: bool = False) -> None:
         self.trainer = trainer
         self.trainers: list["Trainer"] = [trainer]     # every run this panel has shown (forks, resumes)
         self.n_out = int(n_out)
+        self.chart_interval = float(chart_interval)
+        self.chart_redraws = 0
+        self._charts_at = -math.inf      # monotonic time of the last chart redraw
+        self._charts_stale = False       # new data not drawn yet (held back by chart_interval)
         self.refresh_count = 0
         self.last_refresh_s = math.nan
         self.last_request: Any = None
@@ -216,7 +222,7 @@ class Panel(widgets.VBox):
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="100%"))
         self.message = widgets.HTML()
 
-        self.charts = LiveCharts(log_y=log_y)
+        self.charts = LiveCharts(log_y=log_y, layer_names=list(self._source.names))
         self.figures = self.charts.figs
         grid = widgets.GridBox(list(self.figures.values()),
                                layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {CHART_WIDTH + 10}px)",
@@ -286,20 +292,22 @@ class Panel(widgets.VBox):
     def _tick(self) -> None:
         """One poll: refresh when something changed; errors are shown in the panel, never raised."""
         try:
-            self.refresh()
+            self.refresh(throttle=True)
         except Exception as e:  # noqa: BLE001 - the poller must keep going
             self._say(f"refresh failed: {type(e).__name__}: {e}", error=True)
 
-    def refresh(self, force: bool = False) -> bool:
+    def refresh(self, force: bool = False, throttle: bool = False) -> bool:
         """Read the trainer and update what changed (status, controls, charts, alerts, checkpoints).
 
-        Returns True when something was redrawn. Safe to call from any thread (calls are serialised);
-        tests call it directly, the poller calls it at most 5 times a second.
+        Returns True when something was redrawn. Safe to call from any thread (calls are serialised).
+        ``throttle`` (the poller's calls): redraw the charts at most every ``chart_interval`` seconds;
+        a direct call redraws them whenever the data changed.
         """
         with self._lock:
             tr = self.trainer
             key = self._change_key(tr)
-            changed = force or key != self._key or self.charts.pending
+            charts_due = force or not throttle or time.monotonic() - self._charts_at >= self.chart_interval
+            changed = (force or key != self._key or (charts_due and (self._charts_stale or self.charts.pending)))
             if changed:
                 t0 = time.perf_counter()
                 snap = tr.snapshot()
@@ -307,8 +315,12 @@ class Panel(widgets.VBox):
                 self._sync_controls(snap["controls"])
                 self._update_buttons(snap["status"])
                 data_key = key[:4] + key[6:]
-                if force or data_key != self._data_key or self.charts.pending:
-                    self.charts.update(self._source.collect())
+                if force or data_key != self._data_key or self._charts_stale or self.charts.pending:
+                    if charts_due:
+                        self.charts.update(self._source.collect())
+                        self._charts_at = time.monotonic()
+                        self.chart_redraws += 1
+                    self._charts_stale = not charts_due
                     self._data_key = data_key
                 report = tr.diagnose()
                 alerts_key = (key[0], key[5], tuple(a.id for a in report["alerts"]))
@@ -549,7 +561,7 @@ class Panel(widgets.VBox):
             self._key = self._data_key = self._alerts_key = None
             self._pending.clear()
             self._rate, self._last_obs, self._ckpt_rows, self._ckpt_seen = None, None, (), -1
-            self.charts.reset()
+            self.charts.reset(list(self._source.names))
             self.refresh(force=True)
 
     def redraw(self) -> None:
