@@ -119,7 +119,9 @@ class HandLoop:
         return list(np.diff(ends))
 
     def run_in_thread(self, n: int) -> list[float]:
-        """The same loop in a plain, fresh ``threading.Thread`` (what the workbench does, minus the workbench)."""
+        """The same loop in a plain, fresh ``threading.Thread`` (what the workbench does, minus the workbench),
+        started from a main thread that has just run torch work (so it holds an idle OpenMP pool)."""
+        float((torch.ones(256, 256) @ torch.ones(256, 256)).sum())  # a parallel region on this thread
         out: list[Any] = []
         t = threading.Thread(target=lambda: out.append(self.run(n)))
         t.start()

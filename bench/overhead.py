@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/overhead.py [--quick] [--rounds R] [--chunk N] [--models tiny,medium,amp]
 
-Three sides, interleaved in chunks of N steps (trainer, main-thread loop, plain-thread loop, repeat):
+Sides, interleaved in chunks of N steps (A B C D, then B C D A, ...: the order rotates each round and
+every chunk starts after the same short pause, so no side always runs in another's wake):
 
 * workbench: ``Trainer`` with default instrumentation (recorder thread, SQLite, TensorBoard, per-layer
   stats, diagnosis), its own data path, started from the main thread after that thread ran torch work;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import torch
 
@@ -59,13 +61,16 @@ def bench_model(name: str, device: str, rounds: int, chunk: int, tb_off: bool, s
     for t in trainers.values():
         t.start(paused=True)
     rounds_t: dict[str, list[list[float]]] = {k: [] for k in (*trainers, *hand)}
+    sides: dict[str, Callable[[], list[float]]] = {k: (lambda t=t: run_trainer_chunk(t, chunk))
+                                                   for k, t in trainers.items()}
+    sides["raw (main thread)"] = lambda: hand["raw (main thread)"].run(chunk)
+    sides["raw (plain thread)"] = lambda: hand["raw (plain thread)"].run_in_thread(chunk)
+    order = list(sides)
     for r in range(rounds):
         got: dict[str, list[float]] = {}
-        for k, t in trainers.items():
-            got[k] = run_trainer_chunk(t, chunk)
-            time.sleep(settle)  # let the recorder write this chunk before the next side is timed
-        got["raw (main thread)"] = hand["raw (main thread)"].run(chunk)
-        got["raw (plain thread)"] = hand["raw (plain thread)"].run_in_thread(chunk)
+        for k in order[r % len(order):] + order[:r % len(order)]:  # rotate: no side always follows another
+            time.sleep(settle)  # every side starts after the same pause (the recorder writes the last chunk)
+            got[k] = sides[k]()
         if r:  # round 0 is warm-up
             for k, v in got.items():
                 rounds_t[k].append(v)
