@@ -153,3 +153,19 @@ def test_healthy_teaching_preset_is_documented():
     assert sc.expect is None and sc.watch
     with pytest.raises(ValueError, match="scenario.*allowed: lr_too_high"):
         get("nope")
+
+
+def test_median_helper_equals_numpy() -> None:
+    """The detectors' fast median gives np.median's value exactly, NaN and inf included."""
+    from workbench.diagnosis.base import median
+
+    rng = np.random.default_rng(0)
+    for n in [*range(1, 20), 50, 511, 512, 513, 2000]:
+        for _ in range(20):
+            a = rng.standard_normal(n) * 10.0 ** rng.integers(-5, 5)
+            if rng.random() < 0.3:
+                a[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf])
+            if rng.random() < 0.1:
+                a[:] = np.inf
+            want, got = float(np.median(a)), median(a)
+            assert (np.isnan(want) and np.isnan(got)) or want == got, (a, want, got)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,3 +252,20 @@ def test_speed_million_rows() -> None:
         f"\n1e6 x 8 extend (chunks of 1000): {t_extend:.3f} s; series() on 1e6 rows: {t_series * 1e3:.1f} ms; "
         f"append: {t_append * 1e6:.2f} us/row; frame() on 1e6 rows: {t_frame * 1e3:.1f} ms"
     )
+
+
+def test_append_values_matches_append_and_rejects_bad_rows() -> None:
+    a, b = SeriesStore(("step", "loss", "lr"), capacity=8), SeriesStore(("step", "loss", "lr"), capacity=8)
+    for i in range(20):  # past capacity: both compact the same way
+        a.append({"step": i, "loss": 1.0 / (i + 1), "lr": 0.1})
+        b.append_values((i, 1.0 / (i + 1), 0.1))
+    pd.testing.assert_frame_equal(a.frame(), b.frame())
+    assert a.appended == b.appended == 20
+    with pytest.raises(ValueError, match="one per column"):
+        b.append_values((1, 2.0))
+    with pytest.raises(ValueError, match="must be a number"):
+        b.append_values((21, "x", 0.1))
+    b.append_values((20, None, 0.1))
+    assert np.isnan(b.last()["loss"]) and b.appended == 21
+    a.append({"step": 20, "lr": 0.1})
+    pd.testing.assert_frame_equal(a.frame(), b.frame())  # nothing appended by the failed calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import os
 import subprocess
 import sys
@@ -392,3 +393,40 @@ def test_tbwriter_round_trip(tmp_path: Path) -> None:
         np.testing.assert_allclose([g[2] for g in got], [w[2] for w in want], rtol=0, atol=1e-3)
     with pytest.raises(ValueError, match="tag, step, value, walltime"):
         TBWriter(tmp_path / "tb2").write([("x", 1, 2.0)])
+
+
+def test_tbevents_bytes_parse_as_tensorboard_protos(tmp_path: Path) -> None:
+    """The hand-written event bytes are what TensorBoard's own protobuf classes read; the checksum's
+    pure-Python fallback gives the C package's values; float32 overflow becomes inf as protobuf does."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked
+
+    from workbench import tbevents
+
+    data = tbevents.encode_scalars(123456789, 1_700_000_000.25, [("train/loss", 0.5), ("lr", 1e39), ("é", -math.inf)])
+    ev = Event.FromString(data)
+    assert (ev.step, ev.wall_time) == (123456789, 1_700_000_000.25)
+    assert [(v.tag, v.simple_value) for v in ev.summary.value] == [("train/loss", 0.5), ("lr", math.inf),
+                                                                   ("é", -math.inf)]
+    assert Event.FromString(tbevents.encode_scalars(-3, 0.0, [("x", 1.0)])).step == -3
+    for blob in (b"", b"123456789", data, bytes(range(256)) * 3):
+        want = tb_masked(blob)
+        assert tbevents.masked_crc32c(blob) == want
+        saved, tbevents._crc32c = tbevents._crc32c, None
+        try:
+            assert tbevents.masked_crc32c(blob) == want
+        finally:
+            tbevents._crc32c = saved
+    f = tbevents.EventFile(tmp_path)
+    f.write_record(data)
+    f.close()
+    raw = f.path.read_bytes()
+    records = []
+    while raw:
+        (n,) = struct.unpack("<Q", raw[:8])
+        assert struct.unpack("<I", raw[8:12])[0] == tb_masked(raw[:8])
+        body = raw[12:12 + n]
+        assert struct.unpack("<I", raw[12 + n:16 + n])[0] == tb_masked(body)
+        records.append(Event.FromString(body))
+        raw = raw[16 + n:]
+    assert records[0].file_version == "brain.Event:2" and records[1] == ev

@@ -450,3 +450,33 @@ def test_user_dataset_without_tensors(runs_root):
     tr.run()
     assert tr.task == "regression" and tr.evals["val_acc"].isna().all()
     assert tr.history["train_loss"].iloc[-1] < tr.history["train_loss"].iloc[0]
+
+
+EXITS_WHILE_TRAINING = textwrap.dedent("""
+    import sys, time
+    from workbench import Trainer
+    tr = Trainer(dataset="digits", model="mlp", max_steps=None, max_epochs=None, runs_root=sys.argv[1], seed=0)
+    tr.start()
+    while tr.step_count < 30:
+        time.sleep(0.01)
+    print(tr.run_dir)
+""")
+
+
+def test_a_script_that_ends_mid_run_stops_cleanly_and_can_resume(runs_root):
+    """No stop()/join(): at interpreter exit the trainer is stopped at a step boundary with a checkpoint
+    (a daemon thread torn down inside torch would abort the process with 'terminate called ...')."""
+    for _ in range(3):  # the abort was intermittent
+        proc = subprocess.run([PYTHON, "-c", EXITS_WHILE_TRAINING, str(runs_root)], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "terminate called" not in proc.stderr
+    run_dir = proc.stdout.strip().splitlines()[-1]
+    db = RunDB(f"{run_dir}/run.db")
+    ev = db.read_events()
+    assert ev["kind"].eq("status").any() and ev[ev["kind"] == "status"].iloc[-1]["data"]["status"] == "stopped"
+    ck = db.read_checkpoints()
+    assert len(ck) >= 1 and (ck["tag"] == "stopped").any()
+    db.close()
+    resumed = Trainer.from_checkpoint(run_dir)
+    assert resumed.step_count >= 30

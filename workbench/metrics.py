@@ -279,6 +279,22 @@ class SeriesStore:
             self._n = n + 1
             self._appended += 1
 
+    def append_values(self, values: Sequence[float]) -> None:
+        """Append one row given as numbers in :attr:`columns` order (the trainer's per-step fast path:
+        one array assignment instead of a dict walk); None means missing (NaN). A wrong count or a value
+        that is not a number -> ``ValueError`` (nothing is appended)."""
+        if len(values) != len(self.columns):
+            raise ValueError(f"append_values: got {len(values)} values; allowed: one per column {list(self.columns)!r}")
+        try:
+            row = np.asarray(values, dtype=self.dtype)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"append_values: every value must be a number or None, got {values!r:.200}") from exc
+        with self._lock:
+            self._make_room()
+            self._data[:, self._n] = row
+            self._n += 1
+            self._appended += 1
+
     def extend(self, rows: Mapping[str, Sequence[float] | np.ndarray]) -> None:
         """Append many rows at once, given column-wise (all sequences the same length); missing columns -> NaN."""
         if not rows:
@@ -348,14 +364,24 @@ class SeriesStore:
         with self._lock:
             return self._data[j, : self._n].copy()
 
-    def tail(self, n: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Copies of the last ``n`` stored rows of some columns (cheap: O(n), not O(len))."""
+    def tail(self, n: int, names: Sequence[str] | None = None, copy: bool = True) -> dict[str, np.ndarray]:
+        """The last ``n`` stored rows of some columns (cheap: O(n), not O(len)).
+
+        ``copy=False`` returns read-only views into the store instead of copies: only for the thread that
+        appends, and only until its next append (the trainer's own detectors use it between steps)."""
         cols = list(self.columns if names is None else names)
         idx = [self._col(c) for c in cols]
         with self._lock:
             lo = max(0, self._n - int(n))
-            block = self._data[idx, lo: self._n].copy()
-        return {c: block[k] for k, c in enumerate(cols)}
+            if copy:
+                block = self._data[idx, lo: self._n]  # a list index: numpy returns a copy already
+                return {c: block[k] for k, c in enumerate(cols)}
+            out = {}
+            for c, j in zip(cols, idx):
+                v = self._data[j, lo: self._n]
+                v.flags.writeable = False
+                out[c] = v
+            return out
 
     def frame(self) -> pd.DataFrame:
         """A snapshot copy of all rows as a DataFrame, columns in declaration order."""

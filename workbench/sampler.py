@@ -86,12 +86,17 @@ class BatchFetcher:
             else:
                 self.tensors = tuple(t.pin_memory() if device.type == "cuda" else t for t in dataset.tensors)
         self._non_blocking = device.type == "cuda"
+        self._direct = self.tensors is not None and len(self.tensors) == 2 \
+            and all(t.device == device for t in self.tensors)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def fetch(self, idx: torch.Tensor) -> tuple[Any, Any]:
         """The batch for these indices (a CPU index tensor)."""
+        if self._direct and idx.device == self.device:  # tensors on the device already: one gather each
+            x, y = self.tensors
+            return x[idx], y[idx]
         if self.tensors is not None:
             t0 = self.tensors[0]
             if t0.device != idx.device:

@@ -39,19 +39,23 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     Each micro-batch's loss is weighted by its share of the step's samples, so a short last
     micro-batch of an epoch counts for what it is. With one micro-batch the loss is used as is.
     """
-    total = sum(len(y) for _, y in micro_batches)
+    total = len(micro_batches[0][1]) if len(micro_batches) == 1 else sum(len(y) for _, y in micro_batches)
+    scaling = scaler.is_enabled()  # fp16 only; otherwise no scaler calls at all (they would be no-ops)
     loss_sum = None
     for x, y in micro_batches:
         with _autocast(device_type, amp_dtype):
             loss = loss_fn(model(x), y)
         if len(micro_batches) > 1:
             loss = loss * (len(y) / total)
-        scaler.scale(loss).backward()
-        d = loss.detach().float()
+        (scaler.scale(loss) if scaling else loss).backward()
+        d = loss.detach()
+        if d.dtype != torch.float32:
+            d = d.float()
         loss_sum = d if loss_sum is None else loss_sum + d
 
     # Unscale before measuring or clipping: the norm must be the true gradient's.
-    scaler.unscale_(optimizer)
+    if scaling:
+        scaler.unscale_(optimizer)
     grads = [p.grad for p in params if p.grad is not None]
     norms = torch._foreach_norm(grads)
     grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=params[0].device)
@@ -61,8 +65,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
         torch._foreach_mul_(grads, coef)
 
     before = _copy_params(params, scratch) if layer_stats else None
-    scaler.step(optimizer)  # skipped by the scaler when fp16 grads overflowed
-    scaler.update()
+    if scaling:
+        scaler.step(optimizer)  # skipped by the scaler when fp16 grads overflowed
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
     result = StepResult(loss=loss_sum, grad_norm=grad_norm.detach(), samples=total)

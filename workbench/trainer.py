@@ -13,6 +13,7 @@ between two optimizer steps. In causal order, one turn of the loop is::
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import math
 import os
@@ -23,6 +24,7 @@ import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -48,7 +50,8 @@ from .sampler import BatchFetcher, EpochSampler
 from .schedules import Schedule
 from .step import AMP_DTYPES, evaluate, train_step
 
-DIAGNOSIS_TICK = 5          # detectors' schedules are multiples of this many steps
+DIAGNOSIS_TICK = 10         # detectors' schedules are multiples of this many steps (fewer ticks: less
+                            # Python between steps; NaN/inf still triggers divergence at once)
 DIAGNOSIS_WINDOW = 2000     # history rows detectors see
 ROLLBACK_KEYS = ("model", "optimizer", "schedule", "scaler", "rng", "early_stopping")
 STATUSES = ("idle", "running", "paused", "stopped", "finished", "failed")
@@ -262,6 +265,7 @@ class Trainer:
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         self._initial_losses: list[float] = []   # the first steps' losses: the baseline detectors compare with
+        self._alarm_loss = math.inf               # a loss above this runs the divergence detector at once
         self._latest_layers: dict[str, Any] | None = None
         self._urgent = False                      # a non-finite value arrived: check divergence now
         self._good_states: deque[tuple[int, dict]] = deque(maxlen=cfg.good_states)
@@ -276,6 +280,7 @@ class Trainer:
         self._writer = ck.AsyncWriter(self._checkpoint_failed)
         self._snapshot_buffers: deque[dict] = deque(maxlen=1)  # host copies reused by the next save
         self._layer_scratch: list[torch.Tensor] = []  # pre-step parameter copy for layer stats, reused
+        self._eval_cache: tuple[int, dict[str, np.ndarray]] | None = None  # (evals stored, their tail)
 
         # ---- the thread and its requests
         self._requests: deque[Request] = deque()
@@ -318,6 +323,7 @@ class Trainer:
         self._recorder.start()
         self._hand_over()
         self._thread = threading.Thread(target=self._run, name="workbench-trainer", daemon=True)
+        _LIVE.add(self)
         self._thread.start()
         return self
 
@@ -596,12 +602,14 @@ class Trainer:
         for p, (loss, gn) in zip(pending, values):
             if len(self._initial_losses) < 10 and math.isfinite(loss):
                 self._initial_losses.append(loss)
-            if not (math.isfinite(loss) and (math.isfinite(gn) or p[6] == PRECISION_CODES["fp16"])):
+                self._alarm_loss = self._divergence_alarm()
+            if not (math.isfinite(loss) and (math.isfinite(gn) or p[6] == PRECISION_CODES["fp16"])) \
+                    or loss > self._alarm_loss:
                 self._urgent = True
-            row = {"step": p[0], "epoch": p[1], "train_loss": loss, "lr": p[4], "batch_size": p[5],
-                   "precision": p[6], "grad_norm": gn, "samples_per_s": p[7], "time": p[8]}
-            self._store.append(row)
-            self._recorder.steps.append({**row, "precision": PRECISION_NAMES[p[6]]})
+            self._store.append_values((p[0], p[1], loss, p[4], p[5], p[6], gn, p[7], p[8]))  # STEP_COLUMNS order
+            self._recorder.steps.append({"step": p[0], "epoch": p[1], "train_loss": loss, "lr": p[4],
+                                         "batch_size": p[5], "precision": PRECISION_NAMES[p[6]], "grad_norm": gn,
+                                         "samples_per_s": p[7], "time": p[8]})
 
     def _record_layers(self, r: Any) -> None:
         stats = torch.stack([torch.stack(r.layer_grad_norms), torch.stack(r.layer_param_norms),
@@ -981,6 +989,7 @@ class Trainer:
         if not steps.empty:
             first = steps["train_loss"].to_numpy(dtype=float)[:10]
             self._initial_losses = [float(v) for v in first if math.isfinite(v)]
+            self._alarm_loss = self._divergence_alarm()
             steps = steps.copy()
             steps["precision"] = steps["precision"].map(PRECISION_CODES).fillna(0)
             self._store.extend({c: steps[c].to_numpy(dtype=float) for c in STEP_COLUMNS})
@@ -1013,12 +1022,30 @@ class Trainer:
         # statistics.median: the value np.median gives for these few floats, at a tenth of the cost
         initial = float(statistics.median(self._initial_losses)) if len(self._initial_losses) >= 3 else None
         return Signals(step=self.step_count,
-                       history=self._store.tail(DIAGNOSIS_WINDOW, ("step", "train_loss", "grad_norm", "lr")),
-                       evals=self._eval_store.tail(10_000, ("step", "val_loss", "val_acc")),
+                       # views, not copies: only this thread appends, and not while detectors run
+                       history=self._store.tail(DIAGNOSIS_WINDOW, ("step", "train_loss", "grad_norm", "lr"),
+                                                copy=False),
+                       evals=self._eval_tail(),
                        layers=self._latest_layers, task=self.task, n_classes=self.data_info.get("n_classes")
                        if self.data_info else _n_classes(self.train_data, self.task),
                        planned_steps=self._planned_steps(), controls=self.controls.state_dict(),
                        initial_loss=initial, probe_activations=self._probe)
+
+    def _divergence_alarm(self) -> float:
+        """The loss that makes the divergence detector run at the step it is read back rather than on its
+        schedule: its own explosion threshold (explode_factor x the starting loss). A short explosion
+        is caught while it lasts, and the detector itself needs to run only every DIAGNOSIS_TICK steps."""
+        det = self._diagnoser.detectors.get("divergence")
+        if not self.cfg.diagnose or det is None or len(self._initial_losses) < 3:
+            return math.inf
+        return det.explode_factor * max(statistics.median(self._initial_losses), 1e-12)
+
+    def _eval_tail(self) -> dict[str, np.ndarray]:
+        """The evaluations detectors see, copied again only when a new one was stored."""
+        if self._eval_cache is None or self._eval_cache[0] != self._eval_store.appended:
+            self._eval_cache = (self._eval_store.appended,
+                                self._eval_store.tail(10_000, ("step", "val_loss", "val_acc")))
+        return self._eval_cache[1]
 
     def _diagnose(self, after_eval: bool) -> None:
         """Run the detectors that are due; raise the alerts that start a new episode."""
@@ -1146,6 +1173,24 @@ class Trainer:
 
     def __repr__(self) -> str:
         return f"Trainer(run_dir={str(self.run_dir)!r}, status={self._status!r}, step={self.step_count})"
+
+
+_LIVE: "weakref.WeakSet[Trainer]" = weakref.WeakSet()  # started trainers, for the exit handler
+
+
+@atexit.register
+def _stop_at_exit(timeout: float = 60.0) -> None:
+    """The interpreter is exiting with trainer threads still running or paused (a script that ends
+    without ``stop()``/``join()``): stop each at its next step boundary, which saves a "stopped"
+    checkpoint so the run can be resumed, and wait for it. A daemon thread left to the interpreter's
+    teardown can be cut off inside torch, which aborts the process ("terminate called without an
+    active exception")."""
+    live = [t for t in list(_LIVE) if t.is_alive]
+    for t in live:
+        t.stop(source="api")
+    deadline = time.monotonic() + timeout
+    for t in live:
+        t._thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _nonfinite(model_state: Mapping[str, Any]) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .alert import Action, Alert
-from .base import Detector, Signals, fmt
+from .base import Detector, Signals, fmt, median
 
 
 class Divergence(Detector):
@@ -13,10 +13,13 @@ class Divergence(Detector):
 
     In fp16 an infinite gradient norm alone is not divergence: the GradScaler skips that step and lowers
     its scale, which is its normal way of working.
+
+    A non-finite value makes the trainer run this detector as soon as the value is read back (every step
+    on CPU); the explosion test runs on the ``every`` schedule.
     """
 
     kind = "divergence"
-    every = 5
+    every = 10
     explode_factor = 10.0
     window = 5
 
@@ -29,7 +32,7 @@ class Divergence(Detector):
         bad_loss = not np.isfinite(loss[-1])
         bad_grad = not np.isfinite(gn[-1]) and not fp16
         exploded = (s.initial_loss is not None and len(loss) == self.window and np.isfinite(loss).all()
-                    and float(np.median(loss)) > self.explode_factor * max(s.initial_loss, 1e-12))
+                    and median(loss) > self.explode_factor * max(s.initial_loss, 1e-12))
         if not (bad_loss or bad_grad or exploded):
             return None
         lr = s.controls["lr"]
@@ -41,8 +44,8 @@ class Divergence(Detector):
                 evidence += f"; last finite loss {fmt(float(finite[-1]))}"
             confidence = 1.0
         else:
-            evidence = (f"median loss of the last {self.window} steps is {fmt(float(np.median(loss)))}, "
-                        f"{float(np.median(loss)) / s.initial_loss:.0f}x the starting loss {fmt(s.initial_loss)}")
+            evidence = (f"median loss of the last {self.window} steps is {fmt(median(loss))}, "
+                        f"{median(loss) / s.initial_loss:.0f}x the starting loss {fmt(s.initial_loss)}")
             confidence = 0.9
         evidence += f"; lr {fmt(lr)}, last grad norm {fmt(float(gn[-1]))}"
         message = ("Training has diverged: the numbers the model computes have blown up, so every step from here "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .alert import Action, Alert
-from .base import Detector, Signals, fmt
+from .base import Detector, Signals, fmt, median
 
 
 class ExplodingGradients(Detector):
@@ -35,12 +35,12 @@ class ExplodingGradients(Detector):
             return None
         if self.baseline is None or self.baseline_n < self.baseline_steps:
             self.baseline_n = min(self.baseline_steps, len(g))
-            self.baseline = float(np.median(g[: self.baseline_n])) if self.baseline is None else self.baseline
+            self.baseline = median(g[: self.baseline_n]) if self.baseline is None else self.baseline
             if self.baseline_n < self.baseline_steps:
-                self.baseline = float(np.median(g[-self.baseline_n:]))
+                self.baseline = median(g[-self.baseline_n:])
                 return None
-        now = float(np.median(g[-self.window:]))
-        before = float(np.median(g[-2 * self.window:-self.window])) if len(g) >= 2 * self.window else now
+        now = median(g[-self.window:])
+        before = median(g[-2 * self.window:-self.window]) if len(g) >= 2 * self.window else now
         high = (now > self.factor * max(self.baseline, 1e-12) and now >= before) or now > self.absolute
         self.streak = self.streak + 1 if high else 0
         if self.streak < self.patience:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .alert import Action, Alert
-from .base import Detector, Signals, fmt
+from .base import Detector, Signals, fmt, median
 
 
 class LossSpike(Detector):
@@ -33,8 +33,8 @@ class LossSpike(Detector):
         base = base[np.isfinite(base)]
         if len(base) < self.window // 2:
             return None
-        med = float(np.median(base))
-        mad = 1.4826 * float(np.median(np.abs(base - med))) + 1e-12
+        med = median(base)
+        mad = 1.4826 * median(np.abs(base - med)) + 1e-12
         recent, rsteps = loss[-self.every:], steps[-self.every:]
         ok = np.isfinite(recent)
         floor = self.min_excess * (s.initial_loss or med)

@@ -6,7 +6,7 @@ from typing import Mapping
 import numpy as np
 
 from .alert import Action, Alert
-from .base import LayerDetector, Signals, ema, fmt
+from .base import LayerDetector, Signals, ema, fmt, median
 
 
 class LRTooHigh(LayerDetector):
@@ -32,7 +32,7 @@ class LRTooHigh(LayerDetector):
         loss = s.history["train_loss"][-self.window:]
         if len(u) == 0 or len(loss) < self.window // 2 or not np.isfinite(loss).all():
             return None
-        med = float(np.median(u))
+        med = median(u)
         sm = ema(loss, 0.9)
         half = len(sm) // 2
         low = float(np.min(sm[: max(1, 3 * len(sm) // 4)]))

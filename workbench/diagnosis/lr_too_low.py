@@ -6,7 +6,7 @@ from typing import Mapping
 import numpy as np
 
 from .alert import Action, Alert
-from .base import LayerDetector, Signals, ema, fmt
+from .base import LayerDetector, Signals, ema, fmt, median
 
 
 class LRTooLow(LayerDetector):
@@ -29,7 +29,7 @@ class LRTooLow(LayerDetector):
         loss = s.history["train_loss"][-self.window:]
         if len(u) == 0 or len(loss) < self.window // 2 or not np.isfinite(loss).all():
             return None
-        med = float(np.median(u))
+        med = median(u)
         sm = ema(loss, 0.9)
         improve = (float(sm[0]) - float(sm[-1])) / max(abs(float(sm[0])), 1e-12)
         bad = med < self.ratio and improve < self.min_improve

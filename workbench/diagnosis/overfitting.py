@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .alert import Action, Alert
-from .base import Detector, Signals, fmt
+from .base import Detector, Signals, fmt, median
 
 
 class Overfitting(Detector):
@@ -41,7 +41,7 @@ class Overfitting(Detector):
         after = h[-20:]
         if len(before) == 0 or not np.isfinite(after).all():
             return None
-        t0, t1 = float(np.median(before)), float(np.median(after))
+        t0, t1 = median(before), median(after)
         if t1 >= t0 and not self.open:
             return None
         self.open = True

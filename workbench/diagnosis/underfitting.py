@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .alert import Action, Alert
-from .base import Detector, Signals, fmt
+from .base import Detector, Signals, fmt, median
 
 
 class Underfitting(Detector):
@@ -27,7 +27,7 @@ class Underfitting(Detector):
         loss = s.history["train_loss"][-self.window:]
         if len(loss) < self.window // 2 or not np.isfinite(loss).all():
             return None
-        now = float(np.median(loss))
+        now = median(loss)
         ref = s.chance_loss if s.chance_loss is not None else s.initial_loss
         if ref is None or now < self.near * ref:
             return None
