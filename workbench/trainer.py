@@ -18,7 +18,6 @@ import copy
 import math
 import os
 import random
-import shutil
 import statistics
 import threading
 import time

@@ -100,6 +100,18 @@ class LayerDetector(Detector):
     def judge(self, s: Signals, weights: Mapping[str, np.ndarray]) -> Alert | None:  # pragma: no cover
         raise NotImplementedError
 
+    def ratio_and_loss(self, s: Signals, weights: Mapping[str, np.ndarray],
+                       window: int) -> tuple[float, np.ndarray, np.ndarray] | None:
+        """What the learning-rate detectors judge by: the median update/weight ratio over the weight
+        matrices, the last ``window`` train losses and their EMA (beta 0.9). None while there is too
+        little to judge (no finite ratio, fewer than window/2 losses, or a non-finite loss)."""
+        u = weights["update_ratio"]
+        u = u[np.isfinite(u)]
+        loss = s.history["train_loss"][-window:]
+        if len(u) == 0 or len(loss) < window // 2 or not np.isfinite(loss).all():
+            return None
+        return median(u), loss, ema(loss, 0.9)
+
     def count(self, bad: bool) -> bool:
         """Advance the streak; True once the condition has held for ``patience`` snapshots."""
         self.streak = self.streak + 1 if bad else 0

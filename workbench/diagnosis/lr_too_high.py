@@ -6,7 +6,7 @@ from typing import Mapping
 import numpy as np
 
 from .alert import Action, Alert
-from .base import LayerDetector, Signals, ema, fmt, median
+from .base import LayerDetector, Signals, fmt
 
 
 class LRTooHigh(LayerDetector):
@@ -27,13 +27,10 @@ class LRTooHigh(LayerDetector):
     min_step = 50
 
     def judge(self, s: Signals, weights: Mapping[str, np.ndarray]) -> Alert | None:
-        u = weights["update_ratio"]
-        u = u[np.isfinite(u)]
-        loss = s.history["train_loss"][-self.window:]
-        if len(u) == 0 or len(loss) < self.window // 2 or not np.isfinite(loss).all():
+        judged = self.ratio_and_loss(s, weights, self.window)
+        if judged is None:
             return None
-        med = median(u)
-        sm = ema(loss, 0.9)
+        med, loss, sm = judged
         half = len(sm) // 2
         low = float(np.min(sm[: max(1, 3 * len(sm) // 4)]))
         not_falling = float(sm[-1]) >= 0.95 * float(np.min(sm[:half]))

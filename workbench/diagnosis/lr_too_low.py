@@ -6,7 +6,7 @@ from typing import Mapping
 import numpy as np
 
 from .alert import Action, Alert
-from .base import LayerDetector, Signals, ema, fmt, median
+from .base import LayerDetector, Signals, fmt
 
 
 class LRTooLow(LayerDetector):
@@ -24,13 +24,10 @@ class LRTooLow(LayerDetector):
     min_step = 50
 
     def judge(self, s: Signals, weights: Mapping[str, np.ndarray]) -> Alert | None:
-        u = weights["update_ratio"]
-        u = u[np.isfinite(u)]
-        loss = s.history["train_loss"][-self.window:]
-        if len(u) == 0 or len(loss) < self.window // 2 or not np.isfinite(loss).all():
+        judged = self.ratio_and_loss(s, weights, self.window)
+        if judged is None:
             return None
-        med = median(u)
-        sm = ema(loss, 0.9)
+        med, loss, sm = judged
         improve = (float(sm[0]) - float(sm[-1])) / max(abs(float(sm[0])), 1e-12)
         bad = med < self.ratio and improve < self.min_improve
         if not self.count(bad):
