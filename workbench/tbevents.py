@@ -91,7 +91,6 @@ class _TagCache(dict):
 
 _TAGS = _TagCache()
 _FLOAT = struct.Struct("<f")
-_FLOAT_MAX = 3.4028234663852886e38
 
 
 def _f32(value: float) -> bytes:

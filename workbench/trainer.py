@@ -1018,8 +1018,6 @@ class Trainer:
             n = min(256, len(self.train_data))
             x, _ = self._fetch.fetch(torch.arange(n))
             self._probe = ActivationProbe(self.model, x if isinstance(x, torch.Tensor) else None)
-        # statistics.median: the value np.median gives for these few floats, at a tenth of the cost
-        initial = float(statistics.median(self._initial_losses)) if len(self._initial_losses) >= 3 else None
         return Signals(step=self.step_count,
                        # views, not copies: only this thread appends, and not while detectors run
                        history=self._store.tail(DIAGNOSIS_WINDOW, ("step", "train_loss", "grad_norm", "lr"),
@@ -1028,16 +1026,22 @@ class Trainer:
                        layers=self._latest_layers, task=self.task, n_classes=self.data_info.get("n_classes")
                        if self.data_info else _n_classes(self.train_data, self.task),
                        planned_steps=self._planned_steps(), controls=self.controls.state_dict(),
-                       initial_loss=initial, probe_activations=self._probe)
+                       initial_loss=self._initial_loss(), probe_activations=self._probe)
 
     def _divergence_alarm(self) -> float:
         """The loss that makes the divergence detector run at the step it is read back rather than on its
         schedule: its own explosion threshold (explode_factor x the starting loss). A short explosion
         is caught while it lasts, and the detector itself needs to run only every DIAGNOSIS_TICK steps."""
         det = self._diagnoser.detectors.get("divergence")
-        if not self.cfg.diagnose or det is None or len(self._initial_losses) < 3:
+        initial = self._initial_loss()
+        if not self.cfg.diagnose or det is None or initial is None:
             return math.inf
-        return det.explode_factor * max(statistics.median(self._initial_losses), 1e-12)
+        return det.explode_factor * max(initial, 1e-12)
+
+    def _initial_loss(self) -> float | None:
+        """The starting loss detectors compare with: the median of the first finite losses (>= 3 of them).
+        statistics.median gives np.median's value for these few floats, at a tenth of the cost."""
+        return float(statistics.median(self._initial_losses)) if len(self._initial_losses) >= 3 else None
 
     def _eval_tail(self) -> dict[str, np.ndarray]:
         """The evaluations detectors see, copied again only when a new one was stored."""
