@@ -1,17 +1,20 @@
 """Checkpoint stall: the longest step while a checkpoint is being saved, over the median step.
 
-    .venv/bin/python bench/checkpoint_stall.py [--quick] [--steps N] [--every K] [--models tiny,medium]
+    .venv/bin/python bench/checkpoint_stall.py [--quick] [--saves N] [--every K] [--models tiny,medium]
 
-A Trainer (default instrumentation, digits, Adam) runs N steps with ``checkpoint_every=K`` (nothing
-else saves: no evals, so no best-k saves). A save has two parts: the state is copied to host memory
-on the trainer thread between two steps, then written (torch.save, fsync, rename, retention) by the
-writer thread while training goes on. A save's window runs from its event-log time (the copy starts)
-to the file's mtime (the last byte written); every step whose interval overlaps a window counts as
-"during a save". The stall ratio is the longest such step over the median of all steps. The periodic
-saves are interleaved with ordinary steps by construction (A B A B ...); the first 2K steps are warm-up.
-Because a maximum also catches stalls that have nothing to do with saving (another process, a full
-garbage collection), the table also gives the worst step outside any save and, per save, its worst step
-over the median step, as a median over saves (the typical stall a save causes).
+Two Trainers with the same model, data and seed (default instrumentation, digits, Adam) run side by
+side, interleaved in chunks (A B A B ...): A saves a checkpoint every K steps, B never does (the control).
+Each A chunk is K steps long and has one save in its middle, so the save's background write finishes
+inside the chunk. A save has two parts: the state is copied to host memory on the trainer thread
+between two steps, then written (torch.save, fsync, rename, retention) by the writer thread while
+training goes on. A save's window runs from the end of the step it follows (the copy starts) to the
+file's mtime (its last byte); every step whose interval overlaps a window counts as "during a save".
+
+Figures, per model: the stall ratio (the issue's: the longest step during any save / the median step),
+the same per save as a median over saves (the stall a save typically causes), and both again for the
+control B at the same step numbers. B runs the same diagnosis ticks, layer statistics and recorder
+writes at those steps and the same host noise reaches both, so A's figure minus B's is what the saves
+themselves cost. The first chunk of each side is warm-up.
 """
 from __future__ import annotations
 
@@ -22,55 +25,77 @@ import time
 
 import numpy as np
 
-from _common import Trainer, env_line, notebook_warmup, runs_dir, table
+from _common import Trainer, env_line, notebook_warmup, run_trainer_chunk, runs_dir, table
 
 MODELS = {"tiny": dict(width=64, bs=64), "medium": dict(width=1024, bs=128)}
 
 
-def measure(name: str, steps: int, every: int) -> dict:
+def _trainer(name: str, every: int) -> Trainer:
     spec = MODELS[name]
-    tr = Trainer(dataset="digits", model="mlp", model_options={"depth": 2, "width": spec["width"]}, val_fraction=0.0,
-                 lr=1e-3, batch_size=spec["bs"], max_steps=steps, max_epochs=None, seed=0, eval_every=0,
-                 runs_root=runs_dir(), device="cpu", checkpoint_every=every, keep_checkpoints=100_000)
-    tr.run()
+    return Trainer(dataset="digits", model="mlp", model_options={"depth": 2, "width": spec["width"]}, val_fraction=0.0,
+                   lr=1e-3, batch_size=spec["bs"], max_steps=None, max_epochs=None, seed=0, eval_every=0,
+                   runs_root=runs_dir(), device="cpu", checkpoint_every=every, keep_checkpoints=100_000)
+
+
+def _step_times(tr: Trainer, firsts: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(step, seconds) of every step but the first of each chunk (its interval holds the pause)."""
     h = tr.history
     step, t = h["step"].to_numpy(), h["time"].to_numpy()
-    dt = np.diff(t)                      # dt[i] is the time of step step[i+1]
-    lo, hi = t[:-1], t[1:]
-    ev = tr.events
-    saves = ev[(ev["kind"] == "checkpoint") & ev["data"].map(lambda d: d.get("reason") == "periodic")]
-    windows, copy_steps = [], np.zeros(len(dt), dtype=bool)
-    for _, row in saves.iterrows():
-        if row["step"] <= 2 * every:
+    keep = (np.diff(step) == 1) & ~np.isin(step[1:], list(firsts))
+    return step[1:][keep], np.diff(t)[keep]
+
+
+def measure(name: str, saves: int, every: int) -> dict:
+    a, b = _trainer(name, every), _trainer(name, 0)
+    firsts: set[int] = set()  # the same step numbers on both sides
+    for tr in (a, b):
+        tr.start(paused=True)
+        run_trainer_chunk(tr, every // 2)  # A's chunks now have their save in the middle
+    for _ in range(saves + 1):  # chunk 0 is warm-up
+        firsts.add(a.step_count + 1)
+        for tr in (a, b):
+            time.sleep(0.1)  # the same short pause before every chunk
+            run_trainer_chunk(tr, every)
+    for tr in (a, b):
+        tr.stop().wait(120)
+        tr.join()
+    h = a.history
+    row_time = dict(zip(h["step"].to_numpy().tolist(), h["time"].to_numpy().tolist()))
+    step_a, dt_a = _step_times(a, firsts)
+    step_b, dt_b = _step_times(b, firsts)
+    lo = np.array([row_time.get(int(s) - 1, np.nan) for s in step_a])
+    hi = np.array([row_time[int(s)] for s in step_a])
+    ev = a.events
+    periodic = ev[(ev["kind"] == "checkpoint") & ev["data"].map(lambda d: d.get("reason") == "periodic")]
+    warm = every // 2 + every  # after the first (warm-up) chunk
+    windows, sizes, lengths = [], [], []
+    for _, row in periodic.iterrows():
+        s = int(row["step"])
+        if s <= warm or s not in row_time:
             continue
         path = row["data"]["path"]
-        end = os.stat(path).st_mtime if os.path.exists(path) else row["time"]
-        windows.append((row["time"], end))
-        copy_steps |= step[1:] == row["step"] + 1  # the copy runs after step s, inside step s+1's interval
-    during = np.zeros(len(dt), dtype=bool)
-    per_save = []  # the longest step of each save's window
-    for start, end in windows:
-        inside = (hi >= start) & (lo <= end)
-        during |= inside
+        end = max(os.stat(path).st_mtime, row["time"]) if os.path.exists(path) else row["time"]
+        inside = (hi > row_time[s]) & (lo <= end)
         if inside.any():
-            per_save.append(float(dt[inside].max()))
-    warm = step[1:] > 2 * every
-    med = float(np.median(dt[warm]))
-    worst = float(dt[during & warm].max()) if (during & warm).any() else float("nan")
-    worst_copy = float(dt[copy_steps & warm].max()) if (copy_steps & warm).any() else float("nan")
-    later = during & ~copy_steps & warm
-    worst_write = float(dt[later].max()) if later.any() else float("nan")
-    outside = ~during & warm
-    worst_outside = float(dt[outside].max()) if outside.any() else float("nan")
-    write_ms = statistics.median(e - s for s, e in windows) * 1e3 if windows else float("nan")
-    size = os.path.getsize(saves.iloc[-1]["data"]["path"]) if len(saves) else 0
-    typical = statistics.median(per_save) / med if per_save else float("nan")
-    copy_median = float(np.median(dt[copy_steps & warm])) * 1e3 if (copy_steps & warm).any() else float("nan")
-    return {"median_ms": med * 1e3, "worst_ms": worst * 1e3, "ratio": worst / med, "saves": len(windows),
-            "copy_ms": worst_copy * 1e3, "typical_ratio": typical, "copy_median_ms": copy_median,
-            "write_worst_ms": worst_write * 1e3, "outside_ms": worst_outside * 1e3,
-            "steps_during": int((during & warm).sum()), "write_ms": write_ms, "size_mb": size / 1e6,
-            "p99_ms": float(np.percentile(dt[warm], 99)) * 1e3}
+            windows.append(step_a[inside])
+            lengths.append(end - row_time[s])
+            sizes.append(os.path.getsize(path) if os.path.exists(path) else 0)
+    by_step_b = dict(zip(step_b.tolist(), dt_b.tolist()))
+    by_step_a = dict(zip(step_a.tolist(), dt_a.tolist()))
+    med_a = float(np.median(dt_a[step_a > warm]))
+    med_b = float(np.median(dt_b[step_b > warm]))
+    worst_a = [max(by_step_a[int(s)] for s in w) for w in windows]
+    worst_b = [max((by_step_b[int(s)] for s in w if int(s) in by_step_b), default=float("nan")) for w in windows]
+    during = np.isin(step_a, np.concatenate(windows)) if windows else np.zeros(len(step_a), bool)
+    outside = ~during & (step_a > warm)
+    copy = np.isin(step_a, [int(w[0]) for w in windows])
+    return {"median_ms": med_a * 1e3, "control_median_ms": med_b * 1e3, "saves": len(windows),
+            "ratio": max(worst_a) / med_a, "typical": statistics.median(worst_a) / med_a,
+            "control_ratio": np.nanmax(worst_b) / med_b, "control_typical": float(np.nanmedian(worst_b)) / med_b,
+            "copy_ms": float(np.median(dt_a[copy])) * 1e3, "steps_per_save": statistics.median(len(w) for w in windows),
+            "window_ms": statistics.median(lengths) * 1e3, "size_mb": statistics.median(sizes) / 1e6,
+            "outside_ms": float(dt_a[outside].max()) * 1e3 if outside.any() else float("nan"),
+            "p99_ms": float(np.percentile(dt_a[step_a > warm], 99)) * 1e3}
 
 
 def copy_part(name: str, reps: int) -> dict:
@@ -105,26 +130,27 @@ def copy_part(name: str, reps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--every", type=int, default=None)
+    ap.add_argument("--saves", type=int, default=None, help="timed saves per model (default 60 tiny, 16 medium)")
+    ap.add_argument("--every", type=int, default=None, help="checkpoint_every (default 50)")
     ap.add_argument("--models", default="tiny,medium")
     a = ap.parse_args()
     print(f"# bench/checkpoint_stall.py  {env_line()}")
     notebook_warmup()
+    every = a.every or (10 if a.quick else 50)
     rows, finals = [], []
     for name in a.models.split(","):
-        every = a.every or (10 if a.quick else 50)
-        steps = a.steps or (every * 5 if a.quick else (3000 if name == "tiny" else 800))
-        r = measure(name, steps, every)
-        rows.append([name, r["median_ms"], r["p99_ms"], r["worst_ms"], r["ratio"], r["typical_ratio"],
-                     r["copy_median_ms"], r["copy_ms"], r["write_worst_ms"], r["outside_ms"], r["saves"], r["steps_during"], r["write_ms"],
-                     r["size_mb"]])
-        finals.append(f"{name} {r['ratio']:.2f} (median save {r['typical_ratio']:.2f})")
-    print(f"\ncheckpoint_every={a.every or (10 if a.quick else 50)}; windows from the copy to the file's last write")
-    print(table(rows, ["model", "median step ms", "p99 step ms", "worst step during save ms", "worst/median",
-                       "median save: its worst step/median", "copy step ms (median)", "worst copy step ms",
-                       "worst step while writing ms", "worst step outside saves ms", "saves",
-                       "steps during saves", "save window ms", "file MB"]))
+        saves = a.saves or (2 if a.quick else (60 if name == "tiny" else 16))
+        r = measure(name, saves, every)
+        rows.append([name, r["median_ms"], r["p99_ms"], r["copy_ms"], r["ratio"], r["typical"],
+                     r["control_ratio"], r["control_typical"], r["outside_ms"], r["saves"], r["steps_per_save"],
+                     r["window_ms"], r["size_mb"]])
+        finals.append(f"{name} {r['ratio']:.2f} (median save {r['typical']:.2f}; control without saves "
+                      f"{r['control_ratio']:.2f} / {r['control_typical']:.2f})")
+    print(f"\ncheckpoint_every={every}; A saves, B (control) does not; windows from the copy to the file's last write")
+    print(table(rows, ["model", "median step ms", "p99 step ms", "copy step ms (median)",
+                       "worst step during saves/median", "median over saves of its worst step/median",
+                       "control: same steps, worst/median", "control: median over saves",
+                       "worst step outside saves ms", "saves", "steps per save", "save window ms", "file MB"]))
     copy_rows = []
     for name in a.models.split(","):
         c = copy_part(name, 5 if a.quick else 40)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from workbench import Trainer
-from workbench.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from workbench.checkpoint import CheckpointError, Pacer, RNGState, atomic_save, load_checkpoint
+from workbench.trainer import _host_copy
 from workbench.rundir import RunDB
 
 from conftest import PYTHON, ROOT
@@ -77,6 +78,8 @@ CASES = {
     "accumulate_2": dict(stops=[60], live={}, kw={"accumulate": 2}),
     "bf16_on_cpu": dict(stops=[60], live={}, kw={"precision": "bf16"}),
     "resumed_twice": dict(stops=[40, 80], live={30: {"lr": 2e-3}, 70: {"batch_size": 40}}, kw={}),
+    # every save lands on a diagnosis tick, which is then put off one step; stop right there
+    "saves_on_ticks_high_lr": dict(stops=[60], live={}, kw={"checkpoint_every": 10, "lr": 1.0}),  # alerts at 21, 50, 61
 }
 
 
@@ -102,6 +105,11 @@ def test_resume_in_a_new_process_is_bit_identical(case, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     evals = RunDB(run_dir / "run.db", readonly=True).read_evals()
     assert evals["val_loss"].tolist() == ref.evals["val_loss"].tolist()
+    alerts = RunDB(run_dir / "run.db", readonly=True).read_events()
+    alerts = alerts[alerts["kind"] == "alert"]
+    expected = ref.events[ref.events["kind"] == "alert"]
+    assert [(d["kind"], s) for d, s in zip(alerts["data"], alerts["step"])] == \
+        [(d["kind"], s) for d, s in zip(expected["data"], expected["step"])]
 
 
 def test_every_sample_once_per_epoch_across_stop_resume_and_batch_changes(tmp_path):
@@ -283,3 +291,47 @@ def test_a_new_trainer_refuses_a_run_dir_that_holds_a_run(tmp_path):
     tr = _saved_run(tmp_path, steps=10)
     with pytest.raises(ValueError, match=r"run_dir: .* already holds a run \(up to step 10\).*from_checkpoint"):
         Trainer(cfg_for(tr.run_dir, max_steps=10))
+
+
+def test_paced_write_loads_back_and_pauses_only_when_nobody_waits(tmp_path):
+    state = {"big": torch.randn(1024, 1024), "small": [torch.arange(5), {"x": torch.tensor(2.5)}], "n": 3}
+    pacer = Pacer(duty=0.5)
+    atomic_save(state, tmp_path / "a.pt", pacer)
+    assert pacer.pauses > 0  # 4 MB in 256 KB pieces: the writer stopped between them
+    back = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert torch.equal(back["big"], state["big"]) and torch.equal(back["small"][0], state["small"][0])
+    assert back["small"][1]["x"].item() == 2.5 and back["n"] == 3
+    pacer.hurry(True)  # what AsyncWriter.wait() does: someone waits for the file
+    before = pacer.pauses
+    atomic_save(state, tmp_path / "b.pt", pacer)
+    assert pacer.pauses == before
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()  # pacing changes no byte
+    with pytest.raises(ValueError, match=r"duty: got 0; allowed"):
+        Pacer(duty=0)
+
+
+def test_host_copy_reuses_buffers_and_keeps_tied_weights_tied():
+    w = torch.randn(8, 4)
+    state = {"model": {"enc": w, "dec": w, "b": torch.zeros(4)}, "opt": [{"m": torch.ones(3)}, 7], "rng": (1, 2)}
+    buffers: dict = {}
+    first = _host_copy(state, buffers)
+    assert first["model"]["enc"] is first["model"]["dec"]  # one buffer, as torch.save would store it
+    assert first["model"]["enc"].data_ptr() != w.data_ptr() and torch.equal(first["model"]["enc"], w)
+    assert first["opt"][1] == 7 and first["rng"] == (1, 2) and first["model"] is not state["model"]
+    w.add_(1)
+    second = _host_copy(state, buffers)
+    assert second["model"]["enc"] is first["model"]["enc"]  # the same host memory, refreshed
+    assert torch.equal(second["model"]["enc"], w) and len(buffers) == 3
+
+
+def test_rng_state_of_earlier_checkpoints_still_loads():
+    import random
+    random.seed(5)
+    rng = RNGState()
+    state = rng.state_dict()
+    expected = random.random()
+    old = dict(state, python=[state["python"][0], state["python"][1].tolist(), state["python"][2]])  # a list then
+    rng.load_state_dict(old)
+    assert random.random() == expected
+    rng.load_state_dict(state)
+    assert random.random() == expected

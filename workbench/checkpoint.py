@@ -20,6 +20,8 @@ import re
 import sys
 import tempfile
 import threading
+import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -58,7 +60,9 @@ class RNGState:
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = random.getstate()
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        state = {"python": [version, list(internal), gauss],
+        # The Mersenne Twister's 625 words as one tensor, not a list of 625 ints: torch.save pickles
+        # (and calls back into Python for) every object, and this list was two thirds of them.
+        state = {"python": [version, torch.from_numpy(np.array(internal, dtype=np.int64)), gauss],
                  "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
                  "torch": torch.get_rng_state(), "cuda": []}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -67,7 +71,8 @@ class RNGState:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
+        words = internal.tolist() if isinstance(internal, torch.Tensor) else internal  # a list before 2026-11-25
+        random.setstate((version, tuple(words), gauss))
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
@@ -100,26 +105,138 @@ def has_nonfinite(state: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- save and load
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+def atomic_save(obj: Any, path: str | os.PathLike, pacer: "Pacer | None" = None) -> Path:
     """Write ``obj`` with torch.save so that ``path`` exists only when complete.
 
     Temp file in the same folder -> flush + fsync -> os.replace -> fsync the folder: a crash leaves
-    either the old state or the new one, never a half-written file under the final name.
+    either the old state or the new one, never a half-written file under the final name. With a
+    ``pacer`` the bytes go out in pieces with pauses between them (see :class:`Pacer`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if pacer is not None:
+        pacer.start()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb", buffering=0) as raw:
+            if pacer is not None:
+                pacer.pause()
+            out = _PiecewiseFile(raw, pacer)
+            if pacer is None:
+                torch.save(obj, out)
+            else:
+                torch.save(obj, out, pickle_module=_paced_pickle(pacer))
+            out.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+class Pacer:
+    """Spreads a background write over time so that it never takes a core from training in one burst.
+
+    On a machine whose cores are all in the trainer's intra-op (OpenMP) team, a writer that copies a
+    checkpoint into the page cache in one go takes a core away from that team for the whole copy, and
+    every parallel region of the steps that overlap waits for it (a 13.5 MB save stalled a 10 ms step
+    to ~30 ms on 2 cores; bench/checkpoint_stall.py). The pacer lets the writer run in bursts of at most
+    ``burst`` seconds and then sleeps long enough that it is busy for at most ``duty`` of the wall time,
+    so a step loses at most about ``duty`` of its time instead of the whole copy. ``hurry()`` turns the
+    pauses off (someone is waiting for the file: a manual save, the end of the run).
+    """
+
+    def __init__(self, duty: float = 0.25, burst: float = 0.00025, longest_pause: float = 0.02) -> None:
+        if not 0 < duty <= 1:
+            raise ValueError(f"duty: got {duty!r}; allowed: a fraction in (0, 1]")
+        self.duty, self.burst, self.longest_pause = duty, burst, longest_pause
+        self._hurry = 0
+        self._lock = threading.Lock()
+        self._since = time.perf_counter()
+        self.pauses = 0  # how often the writer stopped (for tests and benchmarks)
+
+    def hurry(self, on: bool) -> None:
+        with self._lock:
+            self._hurry += 1 if on else -1
+
+    def start(self) -> None:
+        """A new file: its work counts from now."""
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        """Called between pieces: sleep when the writer has been busy for a whole burst."""
+        now = time.perf_counter()
+        busy = now - self._since
+        if busy < self.burst:
+            return
+        if self.duty < 1 and not self._hurry:
+            time.sleep(min(busy * (1 - self.duty) / self.duty, self.longest_pause))
+            self.pauses += 1
+        self._since = time.perf_counter()
+
+
+def default_pacer() -> Pacer | None:
+    """A pacer when the intra-op threads cover every core this process may use, else None (the
+    writer then has a core of its own and pausing it would only make saves slower)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return Pacer() if torch.get_num_threads() >= cores else None
+
+
+def _paced_pickle(pacer: Pacer) -> Any:
+    """A ``pickle_module`` for torch.save whose pickler lets the pacer pause between objects.
+
+    Pickling holds the GIL, and a state with many tensors takes ~20 us of Python per tensor (0.6 ms
+    for the tiny MLP's 27): in one piece that is a step's worth of time the trainer thread cannot run.
+    ``reducer_override`` is called for every object that is not a plain builtin (each tensor among them)
+    and only pauses; returning NotImplemented leaves the pickling itself to the standard code."""
+
+    class PacedPickler(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            pacer.pause()
+            return NotImplemented
+
+    return types.SimpleNamespace(__name__="pickle", Pickler=PacedPickler)
+
+
+class _PiecewiseFile:
+    """The file object torch.save writes into: small writes are gathered, large records (tensor
+    storages arrive as one memoryview each) go out in pieces of ``PIECE`` bytes. Each piece is one
+    ``write`` system call, during which the GIL is released, and the pacer may pause between pieces."""
+
+    PIECE = 1 << 18
+
+    def __init__(self, raw: Any, pacer: Pacer | None) -> None:
+        self._raw, self._pacer = raw, pacer
+        self._buf = bytearray()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if len(self._buf) + n < self.PIECE:
+            self._buf += view
+            if self._pacer is not None:
+                self._pacer.pause()  # torch.save's own work between two writes counts too
+            return n
+        self.flush()
+        for i in range(0, n, self.PIECE):
+            self._write_all(view[i:i + self.PIECE])
+        return n
+
+    def flush(self) -> None:
+        if self._buf:
+            self._write_all(memoryview(self._buf))
+            self._buf = bytearray()
+
+    def _write_all(self, view: memoryview) -> None:
+        while len(view):
+            view = view[self._raw.write(view):]
+        if self._pacer is not None:
+            self._pacer.pause()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -217,12 +334,14 @@ class AsyncWriter:
     """Writes checkpoints on a background thread, one at a time, in order.
 
     The trainer thread copies the state to host memory and hands it over; disk latency never stalls
-    a step. ``wait()`` blocks until every submitted write is on disk; errors are reported to ``on_error``.
+    a step. ``wait()`` blocks until every submitted write is on disk (and lifts the pacer's pauses
+    while it waits); errors are reported to ``on_error``.
     """
 
-    def __init__(self, on_error: Callable[[Path, BaseException], None]) -> None:
+    def __init__(self, on_error: Callable[[Path, BaseException], None], pacer: Pacer | None = None) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._on_error = on_error
+        self._pacer = pacer
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -241,7 +360,7 @@ class AsyncWriter:
                 return
             state, path, on_done = item
             try:
-                atomic_save(state, path)
+                atomic_save(state, path, self._pacer)
                 on_done(path)
             except BaseException as e:  # noqa: BLE001 - reported, the run goes on
                 self._on_error(path, e)
@@ -249,5 +368,11 @@ class AsyncWriter:
                 self._queue.task_done()
 
     def wait(self) -> None:
-        """Block until all submitted checkpoints are written."""
-        self._queue.join()
+        """Block until all submitted checkpoints are written (at full speed: someone is waiting)."""
+        if self._pacer is not None:
+            self._pacer.hurry(True)
+        try:
+            self._queue.join()
+        finally:
+            if self._pacer is not None:
+                self._pacer.hurry(False)

@@ -614,8 +614,12 @@ class RunDB:
 
     def read_checkpoints(self) -> pd.DataFrame:
         """Checkpoint records ordered by step: step, path, metric, tag, time."""
-        rows = self._select("SELECT step, path, metric, tag, time FROM checkpoints ORDER BY step, time")
-        return _frame(rows, _CHECKPOINT_SPEC)
+        return _frame(self.checkpoint_rows(), _CHECKPOINT_SPEC)
+
+    def checkpoint_rows(self) -> list[tuple]:
+        """The same records as plain ``(step, path, metric, tag, time)`` tuples (no DataFrame to build:
+        retention runs this on the checkpoint writer's thread after every save)."""
+        return self._select("SELECT step, path, metric, tag, time FROM checkpoints ORDER BY step, time")
 
 
 # ---------------------------------------------------------------------------------------------- TensorBoard

@@ -82,6 +82,7 @@ class Diagnoser:
         self.quiet: dict[str, int] = {n: 0 for n in self.detectors}
         self.muted: set[str] = set()
         self.preflight_done = False
+        self.owed: int | None = None  # the step of a scheduled check put off to a later boundary
 
     def preflight(self, train: Any, val: Any, task: str) -> list[Alert]:
         """Data checks before the first step (once per run, not again on resume)."""
@@ -146,7 +147,7 @@ class Diagnoser:
     def state_dict(self) -> dict[str, Any]:
         return {"detectors": {n: d.state_dict() for n, d in self.detectors.items()},
                 "alerts": [a.to_dict() for a in self.alerts], "active": dict(self.active), "quiet": dict(self.quiet),
-                "muted": sorted(self.muted), "preflight_done": self.preflight_done}
+                "muted": sorted(self.muted), "preflight_done": self.preflight_done, "owed": self.owed}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
@@ -160,3 +161,4 @@ class Diagnoser:
         self.quiet.update(state["quiet"])
         self.muted = set(state["muted"])
         self.preflight_done = bool(state["preflight_done"])
+        self.owed = state.get("owed")  # absent in checkpoints of earlier versions
