@@ -169,3 +169,38 @@ def test_median_helper_equals_numpy() -> None:
                 a[:] = np.inf
             want, got = float(np.median(a)), median(a)
             assert (np.isnan(want) and np.isnan(got)) or want == got, (a, want, got)
+
+
+def test_dead_unit_probe_in_slices_judges_like_the_whole_batch() -> None:
+    """After its first whole-batch check the dead-unit detector runs the probe a slice per check and
+    judges once every slice has run: the same verdict as one pass over the whole batch."""
+    from workbench.diagnosis.base import UNCHANGED, Signals
+    from workbench.diagnosis.dead_units import DeadUnits
+    from workbench.diagnosis.diagnoser import ActivationProbe
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    with torch.no_grad():
+        net[0].bias[:24] = -100.0  # 24 of 32 units can never fire: 75% dead
+    probe = ActivationProbe(net, torch.randn(100, 4))
+    rows: list[int] = []
+    net[0].register_forward_hook(lambda _m, inp, _out: rows.append(len(inp[0])))
+    whole = probe()["1"]
+    sliced = np.zeros(32, bool)
+    for part in range(7):  # slices of uneven length cover the batch exactly once
+        sliced |= probe(part, 7)["1"]
+    assert rows[0] == 100 and sum(rows[1:]) == 100 and max(rows[1:]) <= 15
+    assert (sliced == whole).all() and whole.sum() == 8
+
+    det = DeadUnits(every=10, span=40)  # 4 slices per verdict
+    signals = Signals(step=20, history={}, evals={}, layers=None, task="classification", n_classes=2,
+                      planned_steps=None, controls={"lr": 0.1}, initial_loss=None, probe_activations=probe)
+    first = det.check(signals)
+    assert first is not None and first.kind == "dead_units"  # the first check: whole batch at once
+    verdicts = [det.check(signals) for _ in range(4)]
+    assert verdicts[:3] == [UNCHANGED] * 3 and verdicts[3] is not None and verdicts[3].kind == "dead_units"
+    det.check(signals)  # one slice into the next round, then a checkpoint and a resume
+    saved = det.state_dict()
+    again = DeadUnits(every=10, span=40)
+    again.load_state_dict(saved)
+    assert again.part == 1 and again.primed and [again.check(signals) for _ in range(3)][-1] is not None

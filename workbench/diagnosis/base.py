@@ -29,7 +29,7 @@ class Signals:
     planned_steps: int | None
     controls: Mapping[str, Any]
     initial_loss: float | None                  # median train loss of the first steps (baseline)
-    probe_activations: Callable[[], dict[str, np.ndarray]] | None = None
+    probe_activations: Callable[..., dict[str, np.ndarray]] | None = None  # (part=0, parts=1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -44,8 +44,13 @@ class ActivationProbe:
         self.model, self.x = model, probe_x
         self.relus = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
 
-    def __call__(self) -> dict[str, np.ndarray]:
+    def __call__(self, part: int = 0, parts: int = 1) -> dict[str, np.ndarray]:
+        """Which units fired on slice ``part`` of ``parts`` of the probe batch (the whole batch by default)."""
         if self.x is None or not self.relus:
+            return {}
+        n = len(self.x)
+        x = self.x[part * n // parts:(part + 1) * n // parts]
+        if not len(x):
             return {}
         fired: dict[str, torch.Tensor] = {}
 
@@ -59,7 +64,7 @@ class ActivationProbe:
         try:
             self.model.eval()
             with torch.no_grad():
-                self.model(self.x)
+                self.model(x)
         finally:
             self.model.train(was_training)
             for h in handles:
