@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # let `pytest` run from anywhere without installing the package
     sys.path.insert(0, str(ROOT))
 
-from workbench.metrics import SeriesStore, downsample  # noqa: E402
+from workbench.metrics import SUMMARY_BLOCKS, SeriesStore, downsample  # noqa: E402
 
 COLS = ("step", "loss", "lr", "acc")
 
@@ -145,6 +145,41 @@ def test_extend_and_series() -> None:
     assert len(xr) <= 300 and xr[0] == 0
 
 
+def test_series_from_the_block_summary_is_incremental_and_keeps_what_matters() -> None:
+    """On long series, series() reads per-block extremes kept up to date with each append: the same
+    answer whether the rows came in one go or in pieces with refreshes between."""
+    n_out, n = 500, 300_000
+    assert 2 * (n // SUMMARY_BLOCKS[2]) >= 3 * n_out  # 256-row blocks serve it (64-row ones on the way)
+    rng = np.random.default_rng(3)
+    loss = random_walk(n, seed=3)
+    loss[rng.integers(0, n, 5)] += 500.0  # spikes
+    loss[200_001:200_050] = np.nan  # a stretch the run went NaN
+    loss[250_000] = np.inf
+    whole = SeriesStore(("step", "loss"))
+    whole.extend({"step": np.arange(n), "loss": loss})
+    pieces = SeriesStore(("step", "loss"))
+    for lo in range(0, n, 7_777):  # refreshes while rows arrive, as a live view does
+        pieces.extend({"step": np.arange(lo, min(n, lo + 7_777)), "loss": loss[lo:lo + 7_777]})
+        pieces.series("loss", n_out=n_out)
+    x, y = pieces.series("loss", n_out=n_out)
+    xw, yw = whole.series("loss", n_out=n_out)
+    np.testing.assert_array_equal(x, xw)
+    np.testing.assert_array_equal(y, yw)
+    assert len(x) <= n_out and np.all(np.diff(x) > 0)
+    finite, shown = loss[np.isfinite(loss)], y[np.isfinite(y)]
+    assert shown.max() == finite.max() and shown.min() == finite.min()
+    assert (np.isclose(y, loss[x.astype(int)], equal_nan=True)).all()  # real rows, not made-up values
+    assert 200_001 in x and 250_000 in x  # where the values stopped being finite is shown
+    assert 2 * n_out > len(x) > 0.9 * n_out  # the full resolution of the chart, not a coarser one
+    # x=None (row numbers) and a compaction (rows move: the summary starts again) give sane answers too
+    xr, yr = whole.series("loss", x=None, n_out=n_out)
+    assert len(xr) <= n_out and yr[np.isfinite(yr)].max() == finite.max() and xr[0] == 0 and xr[-1] == n - 1
+    small = SeriesStore(("step", "loss"), capacity=SUMMARY_BLOCKS[-1] * 40)
+    small.extend({"step": np.arange(n), "loss": loss})
+    xs, ys = small.series("loss", n_out=10)
+    assert len(xs) <= 10 and np.all(np.diff(xs) > 0) and np.array_equal(ys, loss[xs.astype(int)], equal_nan=True)
+
+
 # ---------------------------------------------------------------------------------------------- bounded memory
 def test_compaction_bounds_memory() -> None:
     cap = 64
@@ -203,9 +238,10 @@ def test_concurrent_writer_and_reader_never_see_torn_rows() -> None:
             last = s.last()
             if last is not None and not (last["b"] == 2 * last["a"] and last["c"] == -last["a"]):
                 errors.append(f"torn last row {last}")
-            x, y = s.series("b", n_out=100)
-            if len(x) and not np.array_equal(y, 2 * x):
-                errors.append("torn series")
+            for n_out in (100, 10):  # 10: the block summary from 960 rows on, through compactions
+                x, y = s.series("b", n_out=n_out)
+                if len(x) and not (np.array_equal(y, 2 * x) and len(x) <= n_out and np.all(np.diff(x) > 0)):
+                    errors.append(f"torn series (n_out={n_out})")
             checks += 1
             if errors:
                 return
