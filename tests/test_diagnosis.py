@@ -204,3 +204,26 @@ def test_dead_unit_probe_in_slices_judges_like_the_whole_batch() -> None:
     again = DeadUnits(every=10, span=40)
     again.load_state_dict(saved)
     assert again.part == 1 and again.primed and [again.check(signals) for _ in range(3)][-1] is not None
+
+
+def test_a_check_put_off_by_a_step_still_sees_every_step_since_the_last_one() -> None:
+    """When a checkpoint save puts the scheduled check off by one step (50 -> 51), the loss-spike
+    detector must still examine step 41, the first step after the check at 40."""
+    from workbench.diagnosis.base import Signals
+    from workbench.diagnosis.loss_spike import LossSpike
+
+    rng = np.random.default_rng(0)
+    loss = 1.0 + 0.01 * rng.standard_normal(200)
+    loss[140] = 50.0  # step 141
+    steps = np.arange(1, 201, dtype=float)
+
+    def signals(upto: int) -> Signals:
+        return Signals(step=upto, history={"train_loss": loss[:upto], "step": steps[:upto]}, evals={},
+                       layers=None, task="classification", n_classes=10, planned_steps=None,
+                       controls={"lr": 0.1}, initial_loss=2.3)
+
+    det = LossSpike()
+    assert det.check(signals(140)) is None  # checks at 130 and 140 saw steps up to 140
+    alert = det.check(signals(151))  # the check due at 150 ran at 151
+    assert alert is not None and "at step 141" in alert.evidence
+    assert det.check(signals(160)) is None  # steps 152-160 only: the spike is not reported again

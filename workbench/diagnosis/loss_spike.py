@@ -24,18 +24,27 @@ class LossSpike(Detector):
     big_factor = 10.0
     min_step = 60
 
+    def reset(self) -> None:
+        super().reset()
+        self.checked_to = -1  # the last step an earlier check examined
+
     def check(self, s: Signals) -> Alert | None:
         loss = s.history["train_loss"]
         steps = s.history["step"]
-        if len(loss) < self.window + self.every:
+        # every step since the last check, not just the last ``every``: a check put off by a step (its
+        # boundary saved a checkpoint) must still see the step right after the previous check
+        k = max(self.every, len(steps) - int(np.searchsorted(steps, self.checked_to, side="right")))
+        k = min(k, len(loss) - self.window)
+        if k < self.every:
             return None
-        base = loss[-(self.window + self.every):-self.every]
+        self.checked_to = int(steps[-1])
+        base = loss[-(self.window + k):-k]
         base = base[np.isfinite(base)]
         if len(base) < self.window // 2:
             return None
         med = median(base)
         mad = 1.4826 * median(np.abs(base - med)) + 1e-12
-        recent, rsteps = loss[-self.every:], steps[-self.every:]
+        recent, rsteps = loss[-k:], steps[-k:]
         ok = np.isfinite(recent)
         floor = self.min_excess * (s.initial_loss or med)
         spikes = ok & (recent > self.factor * med) & (recent > med + self.mad_z * mad) & (recent - med > floor)
