@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -335,3 +336,28 @@ def test_rng_state_of_earlier_checkpoints_still_loads():
     assert random.random() == expected
     rng.load_state_dict(state)
     assert random.random() == expected
+
+
+def test_paced_writer_catches_up_when_a_newer_save_waits(tmp_path):
+    """Each waiting save holds a host copy of the state: a writer that is behind stops pausing."""
+    from workbench.checkpoint import AsyncWriter
+
+    pacer = Pacer(duty=0.05)
+    writer = AsyncWriter(lambda p, e: None, pacer)
+    state = {"w": torch.randn(512, 1024)}  # 2 MB: several pieces
+    pauses: dict[str, int] = {}
+    release = threading.Event()
+
+    def hold(p):  # the first save's callback keeps the writer busy until both others are queued
+        release.wait(10)
+        pauses["before"] = pacer.pauses
+    writer.submit({"x": 1}, tmp_path / "first.pt", hold)
+    writer.submit(state, tmp_path / "a.pt", lambda p: pauses.__setitem__("a", pacer.pauses))
+    writer.submit(state, tmp_path / "b.pt", lambda p: pauses.__setitem__("b", pacer.pauses))
+    release.set()
+    deadline = time.monotonic() + 30
+    while "b" not in pauses and time.monotonic() < deadline:  # not writer.wait(): that would hurry it
+        time.sleep(0.01)
+    assert pauses["a"] == pauses["before"]  # b.pt waited behind a.pt: no pauses
+    assert pauses["b"] > pauses["a"]  # the last one was paced again
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], state["w"])

@@ -144,14 +144,18 @@ class Pacer:
     every parallel region of the steps that overlap waits for it (a 13.5 MB save stalled a 10 ms step
     to ~30 ms on 2 cores; bench/checkpoint_stall.py). The pacer lets the writer run in bursts of at most
     ``burst`` seconds and then sleeps long enough that it is busy for at most ``duty`` of the wall time,
-    so a step loses at most about ``duty`` of its time instead of the whole copy. ``hurry()`` turns the
-    pauses off (someone is waiting for the file: a manual save, the end of the run).
+    so a step loses at most about ``duty`` of its time instead of the whole copy. The pauses are off
+    while someone waits for the file (``hurry()``: a manual save, the end of the run) and while
+    ``behind()`` says a newer save is already waiting (each pending save holds a host copy of the
+    state: falling behind would pile them up in memory).
     """
 
-    def __init__(self, duty: float = 0.25, burst: float = 0.00025, longest_pause: float = 0.02) -> None:
+    def __init__(self, duty: float = 0.1, burst: float = 0.00025, longest_pause: float = 0.02,
+                 behind: Callable[[], bool] | None = None) -> None:
         if not 0 < duty <= 1:
             raise ValueError(f"duty: got {duty!r}; allowed: a fraction in (0, 1]")
         self.duty, self.burst, self.longest_pause = duty, burst, longest_pause
+        self.behind = behind
         self._hurry = 0
         self._lock = threading.Lock()
         self._since = time.perf_counter()
@@ -161,8 +165,14 @@ class Pacer:
         with self._lock:
             self._hurry += 1 if on else -1
 
+    def _pacing(self) -> bool:
+        return self.duty < 1 and not self._hurry and not (self.behind is not None and self.behind())
+
     def start(self) -> None:
-        """A new file: its work counts from now."""
+        """A new file. The trainer has just spent a step's margin copying the state, so the writer
+        first rests as long as after a burst, and its work counts from then."""
+        if self._pacing():
+            time.sleep(self.burst * (1 - self.duty) / self.duty)
         self._since = time.perf_counter()
 
     def pause(self) -> None:
@@ -171,7 +181,7 @@ class Pacer:
         busy = now - self._since
         if busy < self.burst:
             return
-        if self.duty < 1 and not self._hurry:
+        if self._pacing():
             time.sleep(min(busy * (1 - self.duty) / self.duty, self.longest_pause))
             self.pauses += 1
         self._since = time.perf_counter()
@@ -342,6 +352,8 @@ class AsyncWriter:
         self._queue: queue.Queue = queue.Queue()
         self._on_error = on_error
         self._pacer = pacer
+        if pacer is not None and pacer.behind is None:
+            pacer.behind = lambda: self._queue.qsize() > 0  # a newer save waits behind this one
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
