@@ -192,13 +192,23 @@ def test_dead_unit_probe_in_slices_judges_like_the_whole_batch() -> None:
     assert rows[0] == 100 and sum(rows[1:]) == 100 and max(rows[1:]) <= 15
     assert (sliced == whole).all() and whole.sum() == 8
 
-    det = DeadUnits(every=10, span=40)  # 4 slices per verdict
+    assert probe.parts == 1  # a small model: slicing its probe would cost more than it saves
     signals = Signals(step=20, history={}, evals={}, layers=None, task="classification", n_classes=2,
                       planned_steps=None, controls={"lr": 0.1}, initial_loss=None, probe_activations=probe)
+    rows.clear()
+    det = DeadUnits(every=10, span=40)  # 4 checks per round
     first = det.check(signals)
-    assert first is not None and first.kind == "dead_units"  # the first check: whole batch at once
+    assert first is not None and first.kind == "dead_units" and rows == [100]  # the first check: whole batch
+    verdicts = [det.check(signals) for _ in range(4)]
+    assert verdicts[:3] == [UNCHANGED] * 3 and verdicts[3] is not None and rows == [100, 100]  # once a round
+
+    probe.parts = 4  # as for a large model: a slice per check
+    rows.clear()
+    det = DeadUnits(every=10, span=40)
+    det.check(signals)
     verdicts = [det.check(signals) for _ in range(4)]
     assert verdicts[:3] == [UNCHANGED] * 3 and verdicts[3] is not None and verdicts[3].kind == "dead_units"
+    assert rows == [100, 25, 25, 25, 25]
     det.check(signals)  # one slice into the next round, then a checkpoint and a resume
     saved = det.state_dict()
     again = DeadUnits(every=10, span=40)

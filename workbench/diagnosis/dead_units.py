@@ -17,10 +17,11 @@ class DeadUnits(Detector):
     (eval mode, no grad) — the one detector that looks at the model itself.
 
     The first check (at ``min_step``) runs the whole probe batch at once, for an early answer. After
-    that the batch is run a slice per check, ``span // every`` slices (a tenth every 10 steps), and the
-    layers are judged once every slice has run: a forward pass over the whole batch every 100 steps
-    was half a step's time on one step (4.7 ms on a 10 ms step of the medium MLP); a slice is a
-    twentieth of that, and a unit still counts as dead only if no probe sample made it fire.
+    that a large model's batch is run a slice at a time, spread over ``span`` steps (the probe's
+    ``parts``, up to one slice per check), and the layers are judged once every slice has run: one
+    forward pass over the whole batch every 100 steps was half a step's time on one step (4.7 ms on a
+    10 ms step of the medium MLP). A unit still counts as dead only if no probe sample made it fire.
+    A small model's batch is run whole once per ``span`` steps, as slicing it would cost more.
     """
 
     kind = "dead_units"
@@ -33,6 +34,7 @@ class DeadUnits(Detector):
     def reset(self) -> None:
         super().reset()
         self.primed = False          # the first, whole-batch check has run
+        self.calls = 0               # checks since then
         self.part = 0                # the next slice of the probe batch
         self._fired: dict[str, np.ndarray] = {}  # units that fired on the slices run so far
 
@@ -40,13 +42,18 @@ class DeadUnits(Detector):
         return step >= self.min_step and (step == self.min_step or (self.every > 0 and step % self.every == 0))
 
     def check(self, s: Signals) -> Any:
-        if s.probe_activations is None:
+        probe = s.probe_activations
+        if probe is None:
             return None
         if not self.primed:
             self.primed = True
-            return self._judge(s, s.probe_activations())
-        parts = max(1, self.span // max(self.every, 1))
-        for name, alive in s.probe_activations(self.part, parts).items():
+            return self._judge(s, probe())
+        checks = max(1, self.span // max(self.every, 1))  # checks per round
+        parts = max(1, min(int(getattr(probe, "parts", 1)), checks))
+        self.calls += 1
+        if self.calls % (checks // parts):
+            return UNCHANGED  # not this slice's turn
+        for name, alive in probe(self.part, parts).items():
             self._fired[name] = alive | self._fired[name] if name in self._fired else alive
         self.part += 1
         if self.part < parts:

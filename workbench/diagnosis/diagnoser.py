@@ -1,6 +1,7 @@
 """The diagnoser: runs the detectors on schedule, keeps one alert per episode, honours dismissals."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -38,11 +39,21 @@ def default_detectors(options: Mapping[str, Mapping[str, Any]] | None = None) ->
 
 
 class ActivationProbe:
-    """Records which units of each ReLU module fire on a fixed probe batch (for the dead-unit detector)."""
+    """Records which units of each ReLU module fire on a fixed probe batch (for the dead-unit detector).
+
+    ``parts``: in how many slices the batch is best run, so that one slice costs about
+    ``WORK_PER_SLICE`` multiply-adds (parameters x samples, a rough forward cost): 1 for a small model,
+    where a slice would cost more in fixed overhead than it saves, up to ``MAX_PARTS`` for a large one.
+    Deterministic (no timing), so a resumed run probes exactly as the uninterrupted one."""
+
+    WORK_PER_SLICE = 2e7
+    MAX_PARTS = 10
 
     def __init__(self, model: torch.nn.Module, probe_x: torch.Tensor | None) -> None:
         self.model, self.x = model, probe_x
         self.relus = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
+        work = sum(p.numel() for p in model.parameters()) * (len(probe_x) if probe_x is not None else 0)
+        self.parts = int(min(self.MAX_PARTS, max(1, math.ceil(work / self.WORK_PER_SLICE))))
 
     def __call__(self, part: int = 0, parts: int = 1) -> dict[str, np.ndarray]:
         """Which units fired on slice ``part`` of ``parts`` of the probe batch (the whole batch by default)."""
