@@ -453,10 +453,10 @@ class SeriesStore:
         positions of the smallest and largest finite value (and the first non-finite one) of every
         full block of rows (:data:`SUMMARY_BLOCKS`), updated with only the rows appended since the last
         call. On long series :func:`downsample` runs on those candidates plus the rows of the last,
-        partial block, instead of on every row. Every block's extremes are in,
-        so the global minimum and maximum and every spike survive as before; non-finite values keep a
-        marker at the first one of each block they appear in (one per stretch, unless a stretch
-        starts again inside a block).
+        partial block, instead of on every row. Every block's extremes are in, so the global minimum
+        and maximum and every spike survive as before; non-finite values keep a marker at the first
+        one of each block they appear in (one per stretch, unless a stretch starts again inside a
+        block).
         """
         jy = self._col(y)
         jx = None if x is None else self._col(x)
