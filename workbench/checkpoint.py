@@ -168,21 +168,25 @@ class Pacer:
     def _pacing(self) -> bool:
         return self.duty < 1 and not self._hurry and not (self.behind is not None and self.behind())
 
+    def _rest(self, busy: float) -> bool:
+        """Sleep long enough that ``busy`` seconds of work are ``duty`` of the time; False if not pacing."""
+        if not self._pacing():
+            return False
+        time.sleep(min(busy * (1 - self.duty) / self.duty, self.longest_pause))
+        return True
+
     def start(self) -> None:
         """A new file. The trainer has just spent a step's margin copying the state, so the writer
         first rests as long as after a burst, and its work counts from then."""
-        if self._pacing():
-            time.sleep(self.burst * (1 - self.duty) / self.duty)
+        self._rest(self.burst)
         self._since = time.perf_counter()
 
     def pause(self) -> None:
         """Called between pieces: sleep when the writer has been busy for a whole burst."""
-        now = time.perf_counter()
-        busy = now - self._since
+        busy = time.perf_counter() - self._since
         if busy < self.burst:
             return
-        if self._pacing():
-            time.sleep(min(busy * (1 - self.duty) / self.duty, self.longest_pause))
+        if self._rest(busy):
             self.pauses += 1
         self._since = time.perf_counter()
 
