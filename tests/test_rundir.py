@@ -430,3 +430,37 @@ def test_tbevents_bytes_parse_as_tensorboard_protos(tmp_path: Path) -> None:
         records.append(Event.FromString(body))
         raw = raw[16 + n:]
     assert records[0].file_version == "brain.Event:2" and records[1] == ev
+
+
+def test_recorder_paces_its_own_flush_and_not_a_waited_one(tmp_path: Path) -> None:
+    """The recorder thread's flush converts and encodes rows a few at a time with pauses between them;
+    what reaches SQLite and TensorBoard is the same as an unpaced flush writes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from workbench.pacing import Pacer
+    from workbench.recorder import Recorder
+
+    def rows(lo: int, hi: int) -> list[dict]:
+        return [{"step": s, "epoch": 0, "train_loss": 1.0 / s, "lr": 0.1, "batch_size": 32, "precision": "fp32",
+                 "grad_norm": 2.0, "samples_per_s": 100.0, "time": 1.8e9 + s} for s in range(lo, hi)]
+
+    pacer = Pacer(duty=0.5)
+    paced = Recorder(RunDB(tmp_path / "a.db"), TBWriter(tmp_path / "tb"), pacer=pacer)
+    plain = Recorder(RunDB(tmp_path / "b.db"), None)
+    for rec in (paced, plain):
+        rec.steps.extend(rows(1, 2001))
+    paced.flush(paced=True)
+    plain.flush()
+    assert pacer.pauses > 0  # 2,000 rows: the recorder stopped between pieces
+    a, b = paced.db.read_steps(), plain.db.read_steps()
+    pd.testing.assert_frame_equal(a, b)
+    assert a["step"].tolist() == list(range(1, 2001))
+    before = pacer.pauses
+    paced.steps.extend(rows(2001, 3001))
+    paced.flush()  # someone waits (end of run, checkpoint): no pauses
+    assert pacer.pauses == before and len(paced.db.read_steps()) == 3000
+    paced.close()
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    loss = ea.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 3001)) and loss[9].value == pytest.approx(0.1)

@@ -20,13 +20,14 @@ import re
 import sys
 import tempfile
 import threading
-import time
 import types
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+
+from .pacing import Pacer
 
 FORMAT_VERSION = 1
 TOP_KEYS = ("format_version", "versions", "config", "step", "epoch", "state")
@@ -134,71 +135,6 @@ def atomic_save(obj: Any, path: str | os.PathLike, pacer: "Pacer | None" = None)
         raise
     _fsync_dir(path.parent)
     return path
-
-
-class Pacer:
-    """Spreads a background write over time so that it never takes a core from training in one burst.
-
-    On a machine whose cores are all in the trainer's intra-op (OpenMP) team, a writer that copies a
-    checkpoint into the page cache in one go takes a core away from that team for the whole copy, and
-    every parallel region of the steps that overlap waits for it (a 13.5 MB save stalled a 10 ms step
-    to ~30 ms on 2 cores; bench/checkpoint_stall.py). The pacer lets the writer run in bursts of at most
-    ``burst`` seconds and then sleeps long enough that it is busy for at most ``duty`` of the wall time,
-    so a step loses at most about ``duty`` of its time instead of the whole copy. The pauses are off
-    while someone waits for the file (``hurry()``: a manual save, the end of the run) and while
-    ``behind()`` says a newer save is already waiting (each pending save holds a host copy of the
-    state: falling behind would pile them up in memory).
-    """
-
-    def __init__(self, duty: float = 0.1, burst: float = 0.00025, longest_pause: float = 0.02,
-                 behind: Callable[[], bool] | None = None) -> None:
-        if not 0 < duty <= 1:
-            raise ValueError(f"duty: got {duty!r}; allowed: a fraction in (0, 1]")
-        self.duty, self.burst, self.longest_pause = duty, burst, longest_pause
-        self.behind = behind
-        self._hurry = 0
-        self._lock = threading.Lock()
-        self._since = time.perf_counter()
-        self.pauses = 0  # how often the writer stopped (for tests and benchmarks)
-
-    def hurry(self, on: bool) -> None:
-        with self._lock:
-            self._hurry += 1 if on else -1
-
-    def _pacing(self) -> bool:
-        return self.duty < 1 and not self._hurry and not (self.behind is not None and self.behind())
-
-    def _rest(self, busy: float) -> bool:
-        """Sleep long enough that ``busy`` seconds of work are ``duty`` of the time; False if not pacing."""
-        if not self._pacing():
-            return False
-        time.sleep(min(busy * (1 - self.duty) / self.duty, self.longest_pause))
-        return True
-
-    def start(self) -> None:
-        """A new file. The trainer has just spent a step's margin copying the state, so the writer
-        first rests as long as after a burst, and its work counts from then."""
-        self._rest(self.burst)
-        self._since = time.perf_counter()
-
-    def pause(self) -> None:
-        """Called between pieces: sleep when the writer has been busy for a whole burst."""
-        busy = time.perf_counter() - self._since
-        if busy < self.burst:
-            return
-        if self._rest(busy):
-            self.pauses += 1
-        self._since = time.perf_counter()
-
-
-def default_pacer() -> Pacer | None:
-    """A pacer when the intra-op threads cover every core this process may use, else None (the
-    writer then has a core of its own and pausing it would only make saves slower)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return Pacer() if torch.get_num_threads() >= cores else None
 
 
 def _paced_pickle(pacer: Pacer) -> Any:

@@ -404,7 +404,16 @@ class RunDB:
 
         Allowed keys: :data:`STEP_COLUMNS`; ``step`` is required, missing keys are NULL.
         """
-        tuples = _rows_to_tuples(rows, _STEP_SPEC, "steps", ("step",))
+        self.insert_step_tuples(self.step_tuples(rows))
+
+    @staticmethod
+    def step_tuples(rows: Sequence[Mapping[str, Any]]) -> list[tuple]:
+        """Check and convert step rows (as :meth:`insert_steps` does) without writing them: the recorder
+        converts a flush's rows a few at a time, pausing between them, then writes them in one go."""
+        return _rows_to_tuples(rows, _STEP_SPEC, "steps", ("step",))
+
+    def insert_step_tuples(self, tuples: Sequence[tuple]) -> None:
+        """Write rows made by :meth:`step_tuples` in one transaction."""
         if not tuples:
             return
         cols = ", ".join(STEP_COLUMNS)

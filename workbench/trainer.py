@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from . import checkpoint as ck
-from . import cputhreads
+from . import cputhreads, pacing
 from .config import TrainConfig, check_int
 from .controls import (CONTROL_NAMES, SOURCES, Controls, Request, check_source, precision_problem, resolve_precision,
                        same_value, validate_controls)
@@ -275,8 +275,9 @@ class Trainer:
         self._sync_every = 1 if self.device.type == "cpu" else cfg.sync_every
         self._hooks = HookRegistry(self._hook_failed)
         self._recorder = Recorder(self._db, TBWriter(run_dir / "tb") if cfg.tensorboard else None,
-                                  on_inbox=self._inbox_request, on_error=self._recorder_failed)
-        self._writer = ck.AsyncWriter(self._checkpoint_failed, ck.default_pacer())
+                                  on_inbox=self._inbox_request, on_error=self._recorder_failed,
+                                  pacer=pacing.default_pacer())
+        self._writer = ck.AsyncWriter(self._checkpoint_failed, pacing.default_pacer())
         self._snapshot_buffers: deque[dict] = deque(maxlen=1)  # host copies reused by the next save
         self._config_dict: tuple[TrainConfig | None, dict] = (None, {})  # (cfg, cfg.to_dict()) for saves
         self._layer_scratch: list[torch.Tensor] = []  # pre-step parameter copy for layer stats, reused
