@@ -25,9 +25,9 @@ class Pacer:
     to ~30 ms on 2 cores; bench/checkpoint_stall.py). The pacer lets the writer run in bursts of at most
     ``burst`` seconds and then sleeps long enough that it is busy for at most ``duty`` of the wall time,
     so a step loses at most about ``duty`` of its time instead of the whole copy. The pauses are off
-    while someone waits for the file (``hurry()``: a manual save, the end of the run) and while
-    ``behind()`` says a newer save is already waiting (each pending save holds a host copy of the
-    state: falling behind would pile them up in memory).
+    while someone waits for the result (``hurry()``: a manual save, the end of the run, a flush called
+    from another thread) and while ``behind()`` says the work is piling up (a newer save queued behind
+    this one, each holding a host copy of the state; thousands of rows waiting for the recorder).
     """
 
     def __init__(self, duty: float = 0.1, burst: float = 0.00025, longest_pause: float = 0.02,
@@ -39,7 +39,7 @@ class Pacer:
         self._hurry = 0
         self._lock = threading.Lock()
         self._since = time.perf_counter()
-        self.pauses = 0  # how often the writer stopped (for tests and benchmarks)
+        self.pauses = 0  # how often the thread stopped (for tests and benchmarks)
 
     def hurry(self, on: bool) -> None:
         with self._lock:
