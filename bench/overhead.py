@@ -79,7 +79,15 @@ def bench_model(name: str, device: str, rounds: int, chunk: int, tb_off: bool, s
     for t in trainers.values():
         t.stop().wait(120)
         t.join()
-    equal = same_weights(tr.model, *(h.model for h in hand.values()), *(t.model for t in trainers.values()))
+    # each side against the workbench: the Trainer may run a small model on one intra-op thread
+    # (workbench.cputhreads.choose_threads) where the main-thread loop uses torch's default, and the
+    # thread count can change the order of a float reduction; a new plain thread starts with the count
+    # last set in the process, so it runs the trainer's count while that one is live.
+    equal = {k: same_weights(tr.model, m) for k, m in [*((k, h.model) for k, h in hand.items()),
+                                                       *((k, t.model) for k, t in trainers.items() if t is not tr)]}
+    ev = tr.events
+    equal["trainer threads"] = ev.loc[ev["kind"] == "cpu_threads", "data"].iloc[0].get("intra_op_threads") \
+        if device == "cpu" else None
     pooled = {k: [x for r in v for x in r] for k, v in rounds_t.items()}
     raw = rounds_t["raw (main thread)"]
     return {"ms": {k: median_ms(v) for k, v in pooled.items()}, "mean": {k: mean(v) * 1e3 for k, v in pooled.items()},
@@ -114,7 +122,9 @@ def main() -> None:
                     for side, v in ms.items()]
             spec = MODELS[name]
             print(f"\n{device} {name} (width {spec['width']}, bs {spec['bs']}), {rounds - 1} timed rounds of "
-                  f"{chunk} steps; final weights identical: {res['equal']}")
+                  f"{chunk} steps; trainer's intra-op threads: {res['equal'].pop('trainer threads')} "
+                  f"(main thread: {torch.get_num_threads()}); final weights identical to the workbench's: "
+                  + ", ".join(f"{k} {v}" for k, v in res["equal"].items()))
             print(table(rows, ["side", "median ms/step", "mean ms/step", "median / raw (median of rounds)",
                                "mean / raw (median of rounds)", "steps timed"]))
             ratios.append(f"{device}/{name} {res['ratio']['workbench']:.3f} (mean {res['mean_ratio']['workbench']:.3f})")

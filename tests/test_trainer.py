@@ -480,3 +480,65 @@ def test_a_script_that_ends_mid_run_stops_cleanly_and_can_resume(runs_root):
     db.close()
     resumed = Trainer.from_checkpoint(run_dir)
     assert resumed.step_count >= 30
+
+
+def test_cpu_threads_policy():
+    """One intra-op thread for a step under SMALL_STEP_WORK multiply-adds, else the caller's count;
+    ``cpu_threads`` overrides; deterministic (sizes only)."""
+    from workbench.cputhreads import SMALL_STEP_WORK, choose_threads
+
+    assert choose_threads(None, 10_000, 64, 8)[0] == 1
+    assert choose_threads(None, SMALL_STEP_WORK, 1, 8)[0] == 8
+    n, why = choose_threads(3, 10, 1, 8)
+    assert n == 3 and "cpu_threads=3" in why
+    with pytest.raises(ValueError, match="cpu_threads"):
+        TrainConfig(cpu_threads=0)
+    with pytest.raises(TypeError, match="cpu_threads"):
+        TrainConfig(cpu_threads="two")
+
+
+def _thread_events(tr):
+    ev = tr.events
+    return [d for d in ev.loc[ev["kind"] == "cpu_threads", "data"]]
+
+
+def _threads_in_new_thread():
+    out = []
+    t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_trainer_thread_count_is_its_own_and_restored(tiny_data, runs_root):
+    """A small model's trainer thread runs on one thread; the caller's count is untouched, and threads
+    started after the run begin with the caller's count again (torch gives a new thread the last count
+    set anywhere). A batch-size change re-decides at the boundary, with an event."""
+    before = torch.get_num_threads()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 1000), torch.nn.ReLU(), torch.nn.Linear(1000, 3))  # 12,003 params
+    tr = Trainer(model=model, train_data=tiny_data, loss_fn=torch.nn.CrossEntropyLoss(), batch_size=16,
+                 max_steps=100_000, max_epochs=None, seed=0, runs_root=str(runs_root), eval_every=0,
+                 tensorboard=False, diagnose=False)
+    tr.start()
+    wait_for(lambda: tr.step_count >= 3)
+    assert torch.get_num_threads() == before
+    first = _thread_events(tr)[0]
+    assert first["intra_op_threads"] == 1 and first["why"].startswith("auto")
+    req = tr.set(batch_size=200).wait(10)  # 12,003 x 200 = 2.4e6 multiply-adds: the caller's count
+    assert req.status == "applied"
+    if before > 1:
+        wait_for(lambda: len(_thread_events(tr)) == 2)
+        assert _thread_events(tr)[1]["intra_op_threads"] == before
+    tr.stop().wait(10)
+    tr.join(10)
+    assert torch.get_num_threads() == before
+    assert _threads_in_new_thread() == before
+
+
+def test_cpu_threads_setting_is_used(tiny_data, runs_root):
+    tr = Trainer(model=make_mlp(0), train_data=tiny_data, loss_fn=torch.nn.CrossEntropyLoss(), batch_size=16,
+                 max_steps=3, max_epochs=None, seed=0, runs_root=str(runs_root), eval_every=0, tensorboard=False,
+                 cpu_threads=2)
+    tr.run()
+    assert _thread_events(tr)[0]["intra_op_threads"] == 2 and _thread_events(tr)[0]["why"] == "cpu_threads=2"

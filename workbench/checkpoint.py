@@ -12,6 +12,7 @@ Only tensors, numbers, strings, None, lists, tuples and dicts are stored, so ``t
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import queue
@@ -45,7 +46,13 @@ class CheckpointError(ValueError):
 
 
 def library_versions() -> dict[str, str]:
-    """Versions that matter for reading a run back (saved in configs and checkpoints)."""
+    """Versions that matter for reading a run back (saved in configs and checkpoints). A new dict each
+    call; the versions themselves are looked up once per process."""
+    return dict(_library_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str]:
     import pandas
 
     from . import __version__
@@ -58,12 +65,19 @@ def library_versions() -> dict[str, str]:
 class RNGState:
     """Python, numpy, torch CPU and every CUDA device's RNG state, as plain data."""
 
+    def __init__(self) -> None:
+        self._python: tuple[tuple, torch.Tensor] | None = None  # (words, as a tensor) of the last call
+
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = random.getstate()
         name, keys, pos, has_gauss, cached = np.random.get_state()
         # The Mersenne Twister's 625 words as one tensor, not a list of 625 ints: torch.save pickles
-        # (and calls back into Python for) every object, and this list was two thirds of them.
-        state = {"python": [version, torch.from_numpy(np.array(internal, dtype=np.int64)), gauss],
+        # (and calls back into Python for) every object, and this list was two thirds of them. Training
+        # rarely draws from Python's generator, so the words of the last call are usually still valid
+        # (the tensor is never written to: a save copies it).
+        if self._python is None or self._python[0] != internal:
+            self._python = (internal, torch.from_numpy(np.array(internal, dtype=np.int64)))
+        state = {"python": [version, self._python[1], gauss],
                  "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
                  "torch": torch.get_rng_state(), "cuda": []}
         if torch.cuda.is_available() and torch.cuda.is_initialized():

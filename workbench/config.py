@@ -145,6 +145,7 @@ class TrainConfig:
     runs_root: str = "runs"
     name: str | None = None
     device: str = "auto"
+    cpu_threads: int | None = None  # intra-op threads of a CPU run's trainer thread; None: chosen per model
 
     def __post_init__(self) -> None:
         self.validate()
@@ -198,6 +199,7 @@ class TrainConfig:
         self.good_state_every = check_int("good_state_every", self.good_state_every, minimum=1)
         self.good_states = check_int("good_states", self.good_states, minimum=1)
         self.seed = check_int("seed", self.seed, minimum=0, maximum=2**32 - 1, allow_none=True)
+        self.cpu_threads = check_int("cpu_threads", self.cpu_threads, minimum=1, allow_none=True)
         if not isinstance(self.runs_root, (str, os.PathLike)):
             raise TypeError(f"runs_root: got {self.runs_root!r}; allowed: a folder path")
         self.runs_root = str(self.runs_root)

@@ -18,6 +18,15 @@ thread's idle workers and lowers the managed-thread count. It never touches anot
 changes no thread count and no numerics; the next parallel region on that thread simply starts new
 workers (tens of microseconds, once).
 
+How many intra-op threads the trainer thread uses is its own choice (``torch.set_num_threads`` on a
+thread sets that thread's OpenMP and MKL counts only): ``choose_threads`` gives a step that does
+little work one thread. Below ~2e6 multiply-adds per step (parameters x batch size) no parallel region
+pays for its fork and join: on this 2-core machine a 64-64-64-10 MLP at batch 64 steps in 0.50 ms on
+one thread and 0.52 on two, a 128-wide one 0.61 on both, a 256-wide one 0.94 vs 0.82 (bench/RESULTS.md).
+One thread also leaves the other cores to the engine's own threads (recorder, checkpoint writer):
+with a team on every core, any of them that runs makes each of the step's parallel regions wait for
+the worker it displaced, and a tiny run's slowest steps came from exactly that.
+
 Only GNU libgomp is handled (the runtime of the Linux pip wheels of torch). With LLVM/Intel OpenMP
 (conda, macOS) the pause call is process-wide, so it is not used; every function here is then a no-op.
 """
@@ -87,11 +96,33 @@ def release_idle_workers() -> bool:
     return bool(fns)
 
 
+#: Multiply-adds per step (parameters x batch size) below which ``choose_threads`` picks one thread.
+SMALL_STEP_WORK = 2_000_000
+
+
+def choose_threads(requested: int | None, n_params: int, batch_size: int, default: int) -> tuple[int, str]:
+    """Intra-op threads for a trainer thread, and why: ``requested`` (the ``cpu_threads`` setting)
+    when given, else one thread for a step under SMALL_STEP_WORK multiply-adds, else ``default``
+    (torch's count for a new thread). Deterministic: it reads sizes, never timings, so a run and its
+    resumed copy pick the same count (the count can change a float reduction's order)."""
+    if requested is not None:
+        return requested, f"cpu_threads={requested}"
+    work = n_params * batch_size
+    if work < SMALL_STEP_WORK:
+        return 1, (f"auto: {work:.2g} multiply-adds per step (parameters x batch size) < {SMALL_STEP_WORK:.0e}, "
+                   f"too little to share; one thread leaves the other cores to the engine's own threads")
+    return default, f"auto: {work:.2g} multiply-adds per step >= {SMALL_STEP_WORK:.0e}: torch's default"
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def describe() -> dict[str, Any]:
     """What the trainer logs once per run: backend, intra-op threads, CPUs this process may use."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return {"backend": openmp_backend(), "intra_op_threads": torch.get_num_threads(), "cpus": cpus,
+    return {"backend": openmp_backend(), "intra_op_threads": torch.get_num_threads(), "cpus": cpu_count(),
             "policy": "one OpenMP team at a time (idle pools released at hand-over)"}

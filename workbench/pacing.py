@@ -2,17 +2,15 @@
 
 The trainer thread and a background thread share the GIL, and on a machine whose cores all run the
 trainer's intra-op team they share the cores too: a background job done in one go is a stall of the
-same length on the step it overlaps. A :class:`Pacer` cuts such a job into short bursts with sleeps
+same length on the step it overlaps (the trainer waits for the GIL, or for the core its worker lost). A :class:`Pacer` cuts such a job into short bursts with sleeps
 between them, so that each step loses a little instead of one step losing all of it.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Callable
 
-import torch
 
 
 class Pacer:
@@ -73,11 +71,9 @@ class Pacer:
         self._since = time.perf_counter()
 
 
-def default_pacer() -> Pacer | None:
-    """A pacer when the intra-op threads cover every core this process may use, else None (the
-    writer then has a core of its own and pausing it would only make saves slower)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return Pacer() if torch.get_num_threads() >= cores else None
+def default_pacer() -> Pacer:
+    """The engine's pacer for a background thread. Always one, whatever the thread count: even when
+    the writer has a core of its own (a small model's trainer runs on one thread), it shares the GIL
+    with the trainer thread, and a torch.save or a recorder flush done in one go holds it for
+    milliseconds (a tiny MLP's save-step went from 0.6 to 3.3 ms unpaced; bench/RESULTS.md)."""
+    return Pacer()

@@ -282,6 +282,8 @@ class Trainer:
         self._config_dict: tuple[TrainConfig | None, dict] = (None, {})  # (cfg, cfg.to_dict()) for saves
         self._layer_scratch: list[torch.Tensor] = []  # pre-step parameter copy for layer stats, reused
         self._eval_cache: tuple[int, dict[str, np.ndarray]] | None = None  # (evals stored, their tail)
+        self._n_params = sum(p.numel() for p in self._params)
+        self._default_threads: int | None = None  # the intra-op count of the thread that started the run
 
         # ---- the thread and its requests
         self._requests: deque[Request] = deque()
@@ -321,6 +323,7 @@ class Trainer:
             raise RuntimeError(f"start: this run was already started (status {self._status}); use resume() "
                                f"to continue a paused run, or Trainer.from_checkpoint / fork for a new one")
         self._paused = paused
+        self._default_threads = torch.get_num_threads()  # the caller's count: what its own loop would use
         self._recorder.start()
         self._hand_over()
         self._thread = threading.Thread(target=self._run, name="workbench-trainer", daemon=True)
@@ -507,7 +510,8 @@ class Trainer:
     def _run(self) -> None:
         self._set_status("paused" if self._paused else "running", "api")
         if self.device.type == "cpu":
-            self._log_event("cpu_threads", "trainer", cputhreads.describe())
+            why = self._choose_threads()
+            self._log_event("cpu_threads", "trainer", {**cputhreads.describe(), "why": why})
         reason, source = "finished", "api"
         try:
             if self.cfg.diagnose:
@@ -540,6 +544,8 @@ class Trainer:
             except BaseException:  # noqa: BLE001 - already failing; keep the first error
                 pass
             self._refuse_pending(f"the run ended ({reason})")
+            if self.device.type == "cpu" and self._default_threads:
+                torch.set_num_threads(self._default_threads)  # threads started later begin with this count
             self._set_status(reason, "trainer")
             self._recorder.close()
 
@@ -549,6 +555,17 @@ class Trainer:
         then pays a futex wake-up (workbench.cputhreads, bench/RESULTS.md). CPU runs only."""
         if self.device.type == "cpu" and threading.current_thread() is not self._thread:
             cputhreads.release_idle_workers()
+
+    def _choose_threads(self) -> str:
+        """Set this (trainer) thread's intra-op thread count for the current batch size; returns why.
+
+        ``torch.set_num_threads`` here changes this thread's count, not the caller's; but threads started
+        later begin with the count last set anywhere, so it is always set here (an earlier run may
+        have left 1), and set back to the caller's when the run ends."""
+        n, why = cputhreads.choose_threads(self.cfg.cpu_threads, self._n_params, self.controls.batch_size,
+                                           self._default_threads or torch.get_num_threads())
+        torch.set_num_threads(n)
+        return why
 
     def _done(self) -> bool:
         cfg = self.cfg
@@ -786,6 +803,11 @@ class Trainer:
             setattr(c, name, value)
         if "precision" in changes:
             self._scaler.use(c.precision)
+        if "batch_size" in changes and self.device.type == "cpu" and threading.current_thread() is self._thread:
+            before = torch.get_num_threads()
+            why = self._choose_threads()
+            if torch.get_num_threads() != before:
+                self._log_event("cpu_threads", "trainer", {**cputhreads.describe(), "why": why})
         if "weight_decay" in changes:
             for group in self.optimizer.param_groups:
                 group["weight_decay"] = c.weight_decay
@@ -868,7 +890,8 @@ class Trainer:
         """
         self._flush_pending()
         # The config is fixed for the run (a change makes a new TrainConfig): its dict is built once,
-        # and _host_copy below gives each checkpoint its own containers.
+        # never changed, and shared by every checkpoint of the run (as are the library versions);
+        # _host_copy below gives each checkpoint its own copy of everything else.
         if self._config_dict[0] is not self.cfg:
             self._config_dict = (self.cfg, self.cfg.to_dict())
         state = self._state_dict(self._config_dict[1])
@@ -879,7 +902,7 @@ class Trainer:
         # The host copy goes into the buffers of an earlier save once that one is on disk: copying into
         # memory that is already mapped is ~10x faster than fresh allocations (bench/RESULTS.md).
         buffers = self._snapshot_buffers.pop() if self._snapshot_buffers else {}
-        state = _host_copy(state, buffers)
+        state = _host_copy(state, buffers, shared=("config", "versions"))
         path = self.checkpoint_dir / ck.checkpoint_name(self.step_count, tag)
         if metric is None and self.last_eval:
             metric = self.last_eval.get(self.cfg.monitor)
@@ -1230,7 +1253,7 @@ def _nonfinite(model_state: Mapping[str, Any]) -> bool:
     return ck.has_nonfinite(model_state)
 
 
-def _host_copy(obj: Any, buffers: dict) -> Any:
+def _host_copy(obj: Any, buffers: dict, shared: tuple[str, ...] = ()) -> Any:
     """``ck.to_cpu`` into reused host buffers: the structure is rebuilt, every tensor is replaced by a
     host buffer of the same layout, and the copies are done at the end in one fused call.
 
@@ -1238,10 +1261,14 @@ def _host_copy(obj: Any, buffers: dict) -> Any:
     updated in place to hold exactly the buffers this copy used, so the next save of the same state
     (parameters and optimizer state live at fixed addresses) copies into memory that is already
     mapped, ~10x faster than fresh allocations (bench/RESULTS.md). Two entries that share memory (tied
-    weights) share one buffer, as torch.save would store them."""
+    weights) share one buffer, as torch.save would store them. ``shared``: top-level keys of a dict
+    ``obj`` whose values hold no tensors and are never changed; they are passed on as they are."""
     used: dict = {}
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    out = _host_tree(obj, buffers, used, pairs)
+    if shared and isinstance(obj, dict):
+        out = {k: v if k in shared else _host_tree(v, buffers, used, pairs) for k, v in obj.items()}
+    else:
+        out = _host_tree(obj, buffers, used, pairs)
     buffers.clear()
     buffers.update(used)
     on_cpu = [(d, s) for d, s in pairs if s.device.type == "cpu"]
