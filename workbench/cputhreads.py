@@ -19,10 +19,11 @@ changes no thread count and no numerics; the next parallel region on that thread
 workers (tens of microseconds, once).
 
 How many intra-op threads the trainer thread uses is its own choice (``torch.set_num_threads`` on a
-thread sets that thread's OpenMP and MKL counts only): ``choose_threads`` gives a step that does
-little work one thread. Below ~2e6 multiply-adds per step (parameters x batch size) no parallel region
-pays for its fork and join: on this 2-core machine a 64-64-64-10 MLP at batch 64 steps in 0.50 ms on
-one thread and 0.52 on two, a 128-wide one 0.61 on both, a 256-wide one 0.94 vs 0.82 (bench/RESULTS.md).
+thread sets that thread's count; threads that already ran torch work keep theirs, threads that start
+later begin with the count last set): ``choose_threads`` gives a step that does little work one thread.
+Below ~2e6 multiply-adds per step (parameters x batch size) no parallel region pays for its fork and
+join: on this 2-core machine a 64-64-64-10 MLP at batch 64 steps in 0.50 ms on one thread and 0.52 on
+two, a 128-wide one 0.61 on both, a 256-wide one 0.94 vs 0.82 (bench/RESULTS.md).
 One thread also leaves the other cores to the engine's own threads (recorder, checkpoint writer):
 with a team on every core, any of them that runs makes each of the step's parallel regions wait for
 the worker it displaced, and a tiny run's slowest steps came from exactly that.
@@ -103,7 +104,7 @@ SMALL_STEP_WORK = 2_000_000
 def choose_threads(requested: int | None, n_params: int, batch_size: int, default: int) -> tuple[int, str]:
     """Intra-op threads for a trainer thread, and why: ``requested`` (the ``cpu_threads`` setting)
     when given, else one thread for a step under SMALL_STEP_WORK multiply-adds, else ``default``
-    (torch's count for a new thread). Deterministic: it reads sizes, never timings, so a run and its
+    (the count of the thread that started the run). Deterministic: it reads sizes, never timings, so a run and its
     resumed copy pick the same count (the count can change a float reduction's order)."""
     if requested is not None:
         return requested, f"cpu_threads={requested}"
@@ -111,7 +112,8 @@ def choose_threads(requested: int | None, n_params: int, batch_size: int, defaul
     if work < SMALL_STEP_WORK:
         return 1, (f"auto: {work:.2g} multiply-adds per step (parameters x batch size) < {SMALL_STEP_WORK:.0e}, "
                    f"too little to share; one thread leaves the other cores to the engine's own threads")
-    return default, f"auto: {work:.2g} multiply-adds per step >= {SMALL_STEP_WORK:.0e}: torch's default"
+    return default, (f"auto: {work:.2g} multiply-adds per step >= {SMALL_STEP_WORK:.0e}: the count of the "
+                     f"thread that started the run")
 
 
 def cpu_count() -> int:

@@ -2,15 +2,15 @@
 
 The trainer thread and a background thread share the GIL, and on a machine whose cores all run the
 trainer's intra-op team they share the cores too: a background job done in one go is a stall of the
-same length on the step it overlaps (the trainer waits for the GIL, or for the core its worker lost). A :class:`Pacer` cuts such a job into short bursts with sleeps
-between them, so that each step loses a little instead of one step losing all of it.
+same length on the step it overlaps (the trainer waits for the GIL, or for the core its worker lost).
+A :class:`Pacer` cuts such a job into short bursts with sleeps between them, so that each step loses a
+little instead of one step losing all of it.
 """
 from __future__ import annotations
 
 import threading
 import time
 from typing import Callable
-
 
 
 class Pacer:
