@@ -510,8 +510,7 @@ class Trainer:
     def _run(self) -> None:
         self._set_status("paused" if self._paused else "running", "api")
         if self.device.type == "cpu":
-            why = self._choose_threads()
-            self._log_event("cpu_threads", "trainer", {**cputhreads.describe(), "why": why})
+            self._choose_threads(log=True)
         reason, source = "finished", "api"
         try:
             if self.cfg.diagnose:
@@ -556,16 +555,19 @@ class Trainer:
         if self.device.type == "cpu" and threading.current_thread() is not self._thread:
             cputhreads.release_idle_workers()
 
-    def _choose_threads(self) -> str:
-        """Set this (trainer) thread's intra-op thread count for the current batch size; returns why.
+    def _choose_threads(self, log: bool = False) -> None:
+        """Set this (trainer) thread's intra-op thread count for the current batch size; a ``cpu_threads``
+        event says which and why (always with ``log``, else when the count changed).
 
         ``torch.set_num_threads`` here changes this thread's count, not the caller's; but threads started
         later begin with the count last set anywhere, so it is always set here (an earlier run may
         have left 1), and set back to the caller's when the run ends."""
+        before = torch.get_num_threads()
         n, why = cputhreads.choose_threads(self.cfg.cpu_threads, self._n_params, self.controls.batch_size,
-                                           self._default_threads or torch.get_num_threads())
+                                           self._default_threads or before)
         torch.set_num_threads(n)
-        return why
+        if log or n != before:
+            self._log_event("cpu_threads", "trainer", {**cputhreads.describe(), "why": why})
 
     def _done(self) -> bool:
         cfg = self.cfg
@@ -804,10 +806,7 @@ class Trainer:
         if "precision" in changes:
             self._scaler.use(c.precision)
         if "batch_size" in changes and self.device.type == "cpu" and threading.current_thread() is self._thread:
-            before = torch.get_num_threads()
-            why = self._choose_threads()
-            if torch.get_num_threads() != before:
-                self._log_event("cpu_threads", "trainer", {**cputhreads.describe(), "why": why})
+            self._choose_threads()
         if "weight_decay" in changes:
             for group in self.optimizer.param_groups:
                 group["weight_decay"] = c.weight_decay
