@@ -499,7 +499,7 @@ def test_cpu_threads_policy():
 
 def _thread_events(tr):
     ev = tr.events
-    return [d for d in ev.loc[ev["kind"] == "cpu_threads", "data"]]
+    return list(ev.loc[ev["kind"] == "cpu_threads", "data"])
 
 
 def _threads_in_new_thread():

@@ -889,8 +889,7 @@ class Trainer:
         """
         self._flush_pending()
         # The config is fixed for the run (a change makes a new TrainConfig): its dict is built once,
-        # never changed, and shared by every checkpoint of the run (as are the library versions);
-        # _host_copy below gives each checkpoint its own copy of everything else.
+        # and _host_copy below gives each checkpoint its own containers.
         if self._config_dict[0] is not self.cfg:
             self._config_dict = (self.cfg, self.cfg.to_dict())
         state = self._state_dict(self._config_dict[1])
@@ -901,7 +900,7 @@ class Trainer:
         # The host copy goes into the buffers of an earlier save once that one is on disk: copying into
         # memory that is already mapped is ~10x faster than fresh allocations (bench/RESULTS.md).
         buffers = self._snapshot_buffers.pop() if self._snapshot_buffers else {}
-        state = _host_copy(state, buffers, shared=("config", "versions"))
+        state = _host_copy(state, buffers)
         path = self.checkpoint_dir / ck.checkpoint_name(self.step_count, tag)
         if metric is None and self.last_eval:
             metric = self.last_eval.get(self.cfg.monitor)
@@ -1252,7 +1251,7 @@ def _nonfinite(model_state: Mapping[str, Any]) -> bool:
     return ck.has_nonfinite(model_state)
 
 
-def _host_copy(obj: Any, buffers: dict, shared: tuple[str, ...] = ()) -> Any:
+def _host_copy(obj: Any, buffers: dict) -> Any:
     """``ck.to_cpu`` into reused host buffers: the structure is rebuilt, every tensor is replaced by a
     host buffer of the same layout, and the copies are done at the end in one fused call.
 
@@ -1260,14 +1259,10 @@ def _host_copy(obj: Any, buffers: dict, shared: tuple[str, ...] = ()) -> Any:
     updated in place to hold exactly the buffers this copy used, so the next save of the same state
     (parameters and optimizer state live at fixed addresses) copies into memory that is already
     mapped, ~10x faster than fresh allocations (bench/RESULTS.md). Two entries that share memory (tied
-    weights) share one buffer, as torch.save would store them. ``shared``: top-level keys of a dict
-    ``obj`` whose values hold no tensors and are never changed; they are passed on as they are."""
+    weights) share one buffer, as torch.save would store them."""
     used: dict = {}
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if shared and isinstance(obj, dict):
-        out = {k: v if k in shared else _host_tree(v, buffers, used, pairs) for k, v in obj.items()}
-    else:
-        out = _host_tree(obj, buffers, used, pairs)
+    out = _host_tree(obj, buffers, used, pairs)
     buffers.clear()
     buffers.update(used)
     on_cpu = [(d, s) for d, s in pairs if s.device.type == "cpu"]
