@@ -30,9 +30,9 @@ from _common import Trainer, env_line, notebook_warmup, run_trainer_chunk, runs_
 MODELS = {"tiny": dict(width=64, bs=64), "medium": dict(width=1024, bs=128)}
 
 
-def _trainer(name: str, every: int) -> Trainer:
+def _trainer(name: str, every: int, writer: str = "auto") -> Trainer:
     spec = MODELS[name]
-    return Trainer(dataset="digits", model="mlp", model_options={"depth": 2, "width": spec["width"]}, val_fraction=0.0,
+    return Trainer(checkpoint_writer=writer, dataset="digits", model="mlp", model_options={"depth": 2, "width": spec["width"]}, val_fraction=0.0,
                    lr=1e-3, batch_size=spec["bs"], max_steps=None, max_epochs=None, seed=0, eval_every=0,
                    runs_root=runs_dir(), device="cpu", checkpoint_every=every, keep_checkpoints=100_000)
 
@@ -45,8 +45,11 @@ def _step_times(tr: Trainer, firsts: set[int]) -> tuple[np.ndarray, np.ndarray]:
     return step[1:][keep], np.diff(t)[keep]
 
 
-def measure(name: str, saves: int, every: int) -> dict:
-    a, b = _trainer(name, every), _trainer(name, 0)
+def measure(name: str, saves: int, every: int, writer: str = "auto") -> dict:
+    a, b = _trainer(name, every, writer), _trainer(name, 0)
+    if a._writer.mode == "process":  # the writer process imports torch (~1 s) before it can take a save
+        from workbench.ckptproc import client
+        client().ready.wait(60)
     firsts: set[int] = set()  # the same step numbers on both sides
     for tr in (a, b):
         tr.start(paused=True)
@@ -133,6 +136,8 @@ def main() -> None:
     ap.add_argument("--saves", type=int, default=None, help="timed saves per model (default 60 tiny, 16 medium)")
     ap.add_argument("--every", type=int, default=None, help="checkpoint_every (default 50)")
     ap.add_argument("--models", default="tiny,medium")
+    ap.add_argument("--writer", default="auto", choices=("auto", "process", "thread"),
+                    help="A's checkpoint_writer (auto: the writer process where it can run)")
     a = ap.parse_args()
     print(f"# bench/checkpoint_stall.py  {env_line()}")
     notebook_warmup()
@@ -140,13 +145,13 @@ def main() -> None:
     rows, finals = [], []
     for name in a.models.split(","):
         saves = a.saves or (2 if a.quick else (60 if name == "tiny" else 16))
-        r = measure(name, saves, every)
+        r = measure(name, saves, every, a.writer)
         rows.append([name, r["median_ms"], r["p99_ms"], r["copy_ms"], r["ratio"], r["typical"],
                      r["control_ratio"], r["control_typical"], r["outside_ms"], r["saves"], r["steps_per_save"],
                      r["window_ms"], r["size_mb"]])
         finals.append(f"{name} {r['ratio']:.2f} (median save {r['typical']:.2f}; control without saves "
                       f"{r['control_ratio']:.2f} / {r['control_typical']:.2f})")
-    print(f"\ncheckpoint_every={every}; A saves, B (control) does not; windows from the copy to the file's last write")
+    print(f"\ncheckpoint_every={every}, checkpoint_writer={a.writer}; A saves, B (control) does not; windows from the copy to the file's last write")
     print(table(rows, ["model", "median step ms", "p99 step ms", "copy step ms (median)",
                        "worst step during saves/median", "median over saves of its worst step/median",
                        "control: same steps, worst/median", "control: median over saves",

@@ -310,8 +310,29 @@ class AsyncWriter:
             pacer.behind = lambda: self._queue.qsize() > 0  # a newer save waits behind this one
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._pool: list[dict] = []  # host buffers of a written save, for the next one
 
-    def submit(self, state: dict, path: Path, on_done: Callable[[Path], None]) -> None:
+    mode = "thread"
+
+    def start(self) -> None:
+        """Nothing to start ahead: the thread starts with the first save."""
+
+    def take_buffers(self) -> dict:
+        """Host buffers for the next save (``workbench.trainer._host_copy``): those of an earlier save once
+        it is on disk (copying into memory that is mapped already is ~10x faster than fresh
+        allocations), else an empty set."""
+        return self._pool.pop() if self._pool else {}
+
+    def recycle(self, buffers: dict) -> None:
+        """A save is on disk: keep its buffers for the next one (one set)."""
+        if not self._pool:
+            self._pool.append(buffers)
+
+    def close(self) -> None:
+        """Free the kept buffers (the run has ended)."""
+        self._pool.clear()
+
+    def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: dict | None = None) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="workbench-ckpt-writer", daemon=True)

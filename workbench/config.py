@@ -21,6 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 LOSSES = ("auto", "cross_entropy", "mse")
 MONITOR_MODES = ("min", "max")
 DIVERGENCE_POLICIES = ("pause", "rollback", "stop", "ignore")
+CHECKPOINT_WRITERS = ("auto", "process", "thread")
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:
@@ -128,6 +129,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 3
     keep_best: int = 1
+    checkpoint_writer: str = "auto"  # process: a writer process (no GIL shared with training); auto: that where it can run
     layer_every: int = 25
     sync_every: int = 50
     tensorboard: bool = True
@@ -192,6 +194,7 @@ class TrainConfig:
         self.keep_best = check_int("keep_best", self.keep_best, minimum=0)
         self.layer_every = check_int("layer_every", self.layer_every, minimum=0)
         self.sync_every = check_int("sync_every", self.sync_every, minimum=1)
+        self.checkpoint_writer = check_choice("checkpoint_writer", self.checkpoint_writer, CHECKPOINT_WRITERS)
         self.on_divergence = check_choice("on_divergence", self.on_divergence, DIVERGENCE_POLICIES)
         self.rollback_lr_factor = check_number("rollback_lr_factor", self.rollback_lr_factor, positive=True,
                                                maximum=1.0)

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from . import checkpoint as ck
-from . import cputhreads, pacing
+from . import ckptproc, cputhreads, pacing
 from .config import TrainConfig, check_int
 from .controls import (CONTROL_NAMES, SOURCES, Controls, Request, check_source, precision_problem, resolve_precision,
                        same_value, validate_controls)
@@ -277,8 +277,9 @@ class Trainer:
         self._recorder = Recorder(self._db, TBWriter(run_dir / "tb") if cfg.tensorboard else None,
                                   on_inbox=self._inbox_request, on_error=self._recorder_failed,
                                   pacer=pacing.default_pacer())
-        self._writer = ck.AsyncWriter(self._checkpoint_failed, pacing.default_pacer())
-        self._snapshot_buffers: deque[dict] = deque(maxlen=1)  # host copies reused by the next save
+        self._writer = self._make_writer(cfg.checkpoint_writer)
+        if cfg.checkpoint_every:
+            self._writer.start()  # a writer process imports torch (~1 s): started now, it is ready for the first save
         self._config_dict: tuple[TrainConfig | None, dict] = (None, {})  # (cfg, cfg.to_dict()) for saves
         self._layer_scratch: list[torch.Tensor] = []  # pre-step parameter copy for layer stats, reused
         self._eval_cache: tuple[int, dict[str, np.ndarray]] | None = None  # (evals stored, their tail)
@@ -325,6 +326,7 @@ class Trainer:
         self._paused = paused
         self._default_threads = torch.get_num_threads()  # the caller's count: what its own loop would use
         self._recorder.start()
+        self._writer.start()
         self._hand_over()
         self._thread = threading.Thread(target=self._run, name="workbench-trainer", daemon=True)
         _LIVE.add(self)
@@ -539,6 +541,7 @@ class Trainer:
         finally:
             try:
                 self._writer.wait()
+                self._writer.close()  # the host buffers kept for the next save (a later save makes new ones)
                 self._flush_pending()
             except BaseException:  # noqa: BLE001 - already failing; keep the first error
                 pass
@@ -898,8 +901,9 @@ class Trainer:
                                                                      "checkpoint is never overwritten by them"})
             return None
         # The host copy goes into the buffers of an earlier save once that one is on disk: copying into
-        # memory that is already mapped is ~10x faster than fresh allocations (bench/RESULTS.md).
-        buffers = self._snapshot_buffers.pop() if self._snapshot_buffers else {}
+        # memory that is already mapped is ~10x faster than fresh allocations (bench/RESULTS.md). With
+        # the writer process they lie in memory it maps too.
+        buffers = self._writer.take_buffers()
         state = _host_copy(state, buffers)
         path = self.checkpoint_dir / ck.checkpoint_name(self.step_count, tag)
         if metric is None and self.last_eval:
@@ -907,11 +911,11 @@ class Trainer:
         step, when = self.step_count, time.time()
 
         def done(p: Path) -> None:
-            self._snapshot_buffers.append(buffers)  # written: the next save may reuse them
+            self._writer.recycle(buffers)  # written: the next save may reuse them
             self._db.add_checkpoint(step=step, path=str(p), metric=metric, tag=tag or reason, time=when)
             self._apply_retention()
 
-        self._writer.submit(state, path, done)
+        self._writer.submit(state, path, done, buffers)
         self._log_event("checkpoint", source, {"path": str(path), "reason": reason, "tag": tag, "metric": metric},
                         step=step)
         self._hooks.fire("checkpoint", lambda: self._context("checkpoint", {"metric": metric},
@@ -936,6 +940,20 @@ class Trainer:
             if path not in keep:
                 Path(path).unlink(missing_ok=True)
                 self._db.remove_checkpoint(path)
+
+    def _make_writer(self, choice: str) -> "ck.AsyncWriter | ckptproc.ProcessWriter":
+        """The checkpoint writer: a process of its own (``checkpoint_writer`` process, or auto where one
+        can run), else a paced thread of this process (see workbench.ckptproc)."""
+        why_not = ckptproc.unsupported()
+        if choice == "process" and why_not:
+            raise ValueError(f"checkpoint_writer: got 'process', but {why_not}; allowed here: auto, thread")
+        if choice == "thread" or why_not:
+            return ck.AsyncWriter(self._checkpoint_failed, pacing.default_pacer())
+        return ckptproc.ProcessWriter(self._checkpoint_failed, pacing.default_pacer(),
+                                      on_fallback=self._writer_fell_back)
+
+    def _writer_fell_back(self, why: str) -> None:
+        self._log_event("checkpoint_writer", "trainer", {"mode": "thread", "why": why})
 
     def _checkpoint_failed(self, path: Path, e: BaseException) -> None:
         self._log_event("checkpoint_failed", "trainer", {"path": str(path), "error": f"{type(e).__name__}: {e}"})
@@ -1259,10 +1277,14 @@ def _host_copy(obj: Any, buffers: dict) -> Any:
     updated in place to hold exactly the buffers this copy used, so the next save of the same state
     (parameters and optimizer state live at fixed addresses) copies into memory that is already
     mapped, ~10x faster than fresh allocations (bench/RESULTS.md). Two entries that share memory (tied
-    weights) share one buffer, as torch.save would store them."""
+    weights) share one buffer, as torch.save would store them. New buffers come from ``buffers.alloc(t)``
+    when it has one (``ckptproc.HostBuffers``: memory the writer process maps), else ``torch.empty_like``;
+    with ``buffers.leaf`` the copy holds ``leaf(buffer)`` in each tensor's place (where the buffer lies:
+    the message the writer process gets, built in the same walk)."""
     used: dict = {}
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    out = _host_tree(obj, buffers, used, pairs)
+    alloc, leaf = getattr(buffers, "alloc", _empty_host), getattr(buffers, "leaf", None)
+    out = _host_tree(obj, buffers, used, pairs, alloc, leaf)
     buffers.clear()
     buffers.update(used)
     on_cpu = [(d, s) for d, s in pairs if s.device.type == "cpu"]
@@ -1274,7 +1296,12 @@ def _host_copy(obj: Any, buffers: dict) -> Any:
     return out
 
 
-def _host_tree(obj: Any, old: dict, used: dict, pairs: list) -> Any:
+def _empty_host(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="cpu")  # the layout .to("cpu", copy=True) gives
+
+
+def _host_tree(obj: Any, old: dict, used: dict, pairs: list, alloc: Callable[[torch.Tensor], torch.Tensor],
+               leaf: Callable[[torch.Tensor], Any] | None) -> Any:
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         try:
@@ -1284,20 +1311,32 @@ def _host_tree(obj: Any, old: dict, used: dict, pairs: list) -> Any:
         buf = used.get(key)
         if buf is None:
             buf = old.pop(key, None)
+            if buf is None and len(key) == 5:
+                buf = _same_layout(old, key)
             if buf is None:
-                buf = torch.empty_like(t, device="cpu")  # the layout .to("cpu", copy=True) gives
+                buf = alloc(t)
             used[key] = buf
             pairs.append((buf, t))
-        return buf
+        return buf if leaf is None else leaf(buf)
     if isinstance(obj, dict):
-        return {k: _host_tree(v, old, used, pairs) if isinstance(v, _NODES) else v for k, v in obj.items()}
+        return {k: _host_tree(v, old, used, pairs, alloc, leaf) if isinstance(v, _NODES) else v
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        out = [_host_tree(v, old, used, pairs) if isinstance(v, _NODES) else v for v in obj]
+        out = [_host_tree(v, old, used, pairs, alloc, leaf) if isinstance(v, _NODES) else v for v in obj]
         return out if isinstance(obj, list) else tuple(out)
     return obj
 
 
 _NODES = (torch.Tensor, dict, list, tuple)
+
+
+def _same_layout(old: dict, key: tuple) -> torch.Tensor | None:
+    """An earlier buffer of the same layout whose tensor has moved: a state dict that returns a new tensor
+    each call (``torch.get_rng_state()``, numpy's key array) refreshes the same host memory each save."""
+    for k in old:
+        if len(k) == 5 and k[1:] == key[1:]:
+            return old.pop(k)
+    return None
 
 
 def _as_config(cfg: Any, overrides: Mapping[str, Any]) -> TrainConfig:

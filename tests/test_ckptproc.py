@@ -1,0 +1,135 @@
+"""The checkpoint writer process: the same files as a thread writes, errors reported, a lost process
+replaced by the thread, nothing left in shared memory."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from workbench import Trainer
+from workbench import ckptproc
+from workbench.checkpoint import AsyncWriter, load_checkpoint
+from workbench.trainer import _host_copy
+
+pytestmark = pytest.mark.skipif(ckptproc.unsupported() is not None, reason=str(ckptproc.unsupported()))
+
+
+def _state() -> dict:
+    w = torch.randn(6, 4)
+    return {"model": {"enc": w, "dec": w,  # tied: one storage in the file
+                      "t": torch.randn(5, 3).t(),  # not contiguous: the copy keeps its strides
+                      "half": torch.randn(7, dtype=torch.bfloat16), "mask": torch.tensor([True, False, True]),
+                      "empty": torch.zeros(0, 4), "count": torch.tensor(3, dtype=torch.int64)},
+            "opt": [{"m": torch.ones(3), "lr": 0.1}, (1, "x", None)], "rng": torch.get_rng_state(), "n": 7}
+
+
+def _write(writer, state: dict, buffers, path: Path) -> list:
+    done, errors = [], []
+    copy = _host_copy(state, buffers)
+    writer._on_error = lambda p, e: errors.append(e)
+    writer.submit(copy, path, done.append, buffers)
+    writer.wait()
+    return errors or done
+
+
+def _arena_files() -> list[str]:
+    return [p for p in os.listdir(ckptproc._arena_dir()) if p.startswith(f"workbench-{os.getpid()}-")]
+
+
+def test_the_process_writes_the_bytes_a_thread_writes(tmp_path):
+    state = _state()
+    proc = ckptproc.ProcessWriter(lambda p, e: None)
+    proc.start()
+    assert ckptproc.client().ready.wait(60) and proc.mode == "process"
+    buffers = proc.take_buffers()
+    assert _write(proc, state, buffers, tmp_path / "p.pt") == [tmp_path / "p.pt"]
+    assert _write(AsyncWriter(lambda p, e: None), state, {}, tmp_path / "t.pt") == [tmp_path / "t.pt"]
+    assert (tmp_path / "p.pt").read_bytes() == (tmp_path / "t.pt").read_bytes()
+    back = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert back["model"]["enc"] is back["model"]["dec"] or \
+        back["model"]["enc"].untyped_storage().data_ptr() == back["model"]["dec"].untyped_storage().data_ptr()
+    assert back["model"]["t"].stride() == state["model"]["t"].stride()
+    for k, v in state["model"].items():
+        assert torch.equal(back["model"][k], v) and back["model"][k].dtype == v.dtype
+    # the buffers are reused: a changed state is copied into the same arena and written again
+    proc.recycle(buffers)
+    state["model"]["enc"].add_(1)
+    again = proc.take_buffers()
+    assert again is buffers
+    arenas = [a.path for a in again.arenas]
+    assert _write(proc, state, again, tmp_path / "p2.pt") == [tmp_path / "p2.pt"]
+    assert [a.path for a in again.arenas] == arenas
+    assert torch.equal(torch.load(tmp_path / "p2.pt", weights_only=True)["model"]["dec"], state["model"]["enc"])
+    proc.recycle(again)
+    proc.close()
+    assert _arena_files() == []  # the process unlinked each arena once mapped; close() freed the memory
+
+
+def test_a_failed_write_is_reported_with_the_process_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    proc = ckptproc.ProcessWriter(lambda p, e: None)
+    errors = _write(proc, _state(), proc.take_buffers(), tmp_path / "file" / "x.pt")
+    assert len(errors) == 1 and isinstance(errors[0], ckptproc.WriteFailed)
+    assert "FileExistsError" in str(errors[0]) or "NotADirectoryError" in str(errors[0])
+    assert proc.mode == "process"  # a failed write is not a lost process
+
+
+def test_a_lost_writer_process_is_replaced_by_the_thread(tmp_path):
+    """The process is killed during a run: later saves are written in-process, an event says why, and
+    every checkpoint file loads."""
+    tr = Trainer(dataset="digits", model="mlp", model_options={"width": 32}, max_steps=400, max_epochs=None,
+                 batch_size=32, eval_every=0, seed=3, run_dir=str(tmp_path / "run"), tensorboard=False,
+                 checkpoint_every=20, keep_checkpoints=1000)
+    assert tr._writer.mode == "process"
+    killed = threading.Event()
+
+    def kill(ctx):
+        if ctx.step == 150 and not killed.is_set():
+            ckptproc.client()._proc.kill()
+            killed.set()
+    tr.on("step_end", kill)
+    tr.run()
+    assert killed.is_set() and tr.status == "finished"
+    ev = tr.events
+    fell = ev[ev["kind"] == "checkpoint_writer"]
+    assert len(fell) == 1 and fell.iloc[0]["data"]["mode"] == "thread"
+    assert "ended" in fell.iloc[0]["data"]["why"]
+    assert ev[ev["kind"] == "checkpoint_failed"].empty
+    files = sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"))
+    steps = [load_checkpoint(p)["step"] for p in files]
+    assert set(range(20, 401, 20)) <= set(steps)
+    assert _arena_files() == []
+    # a new trainer gets a new writer process
+    tr2 = Trainer(dataset="digits", model="mlp", model_options={"width": 32}, max_steps=30, max_epochs=None,
+                  batch_size=32, eval_every=0, seed=3, run_dir=str(tmp_path / "run2"), tensorboard=False,
+                  checkpoint_every=10)
+    tr2.run()
+    assert tr2._writer.mode == "process" and not ckptproc.client().ended
+    ev2 = tr2.events
+    assert ev2[ev2["kind"] == "checkpoint_writer"].empty
+
+
+def test_resume_from_a_process_written_checkpoint_matches_a_thread_written_one(tmp_path):
+    common = dict(dataset="digits", model="mlp", model_options={"width": 32}, max_steps=60, max_epochs=None,
+                  batch_size=32, eval_every=0, seed=5, tensorboard=False, checkpoint_every=30,
+                  keep_checkpoints=100)
+    a = Trainer(run_dir=str(tmp_path / "a"), checkpoint_writer="process", **common).run()
+    b = Trainer(run_dir=str(tmp_path / "b"), checkpoint_writer="thread", **common).run()
+    assert a._writer.mode == "process" and b._writer.mode == "thread"
+    ca = load_checkpoint(tmp_path / "a" / "checkpoints" / "step-00000030.pt")
+    cb = load_checkpoint(tmp_path / "b" / "checkpoints" / "step-00000030.pt")
+    for k in ca["state"]["model"]:
+        assert torch.equal(ca["state"]["model"][k], cb["state"]["model"][k])
+    ra = Trainer.from_checkpoint(tmp_path / "a" / "checkpoints" / "step-00000030.pt", run_dir=tmp_path / "ra").run()
+    rb = Trainer.from_checkpoint(tmp_path / "b" / "checkpoints" / "step-00000030.pt", run_dir=tmp_path / "rb").run()
+    last = [t.history["train_loss"].tolist()[-30:] for t in (ra, rb, a)]
+    assert last[0] == last[1] == last[2] and ra.step_count == 60
+
+
+def test_checkpoint_writer_setting_is_checked():
+    with pytest.raises(ValueError, match=r"checkpoint_writer.*auto, process, thread"):
+        Trainer(dataset="digits", model="mlp", max_steps=1, checkpoint_writer="fork")

@@ -1,0 +1,532 @@
+"""A checkpoint writer in a process of its own, reading the host copy from shared memory.
+
+Why a process: the trainer thread and a writer thread share one GIL. ``torch.save`` pickles the
+state and frames the file in code that holds it, so every millisecond of writing is a millisecond the
+trainer may wait at its next Python line; pacing the thread (``workbench.pacing``) spreads that cost
+over many steps but cannot remove it. A separate process has a GIL of its own, so the trainer's share
+of a save is the copy of the state into host memory at a step boundary and nothing else.
+
+How the state travels: the trainer copies each tensor into an *arena*, a file in a memory-backed
+folder (``/dev/shm``) that both processes map. The writer gets a small message per save: the file to
+write and the state's structure with every tensor replaced by a :class:`TensorRef` (arena, offset,
+dtype, shape, strides). It wraps those bytes as tensors without copying them, writes the file with
+:func:`workbench.checkpoint.atomic_save` (the same bytes a thread would write) and answers; only
+then may the trainer copy a later save into the same arena. The writer unlinks an arena's file as
+soon as it has mapped it, so nothing is left in ``/dev/shm`` when either process dies.
+
+The process is started with ``python -c`` (never ``multiprocessing``'s spawn, which would import
+the user's ``__main__`` again and re-run a script without a ``__main__`` guard), one per Python
+process, shared by every trainer in it, and ends when its parent closes the pipe (exit or crash).
+If it cannot start or dies, :class:`ProcessWriter` writes on its own thread instead and says why.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import mmap
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from .checkpoint import atomic_save
+from .cputhreads import cpu_count
+from .pacing import Pacer
+
+ALIGN = 64          # arena offsets are multiples of this (any dtype's alignment)
+MIN_ARENA = 1 << 16
+_LOST = object()    # a job whose answer will never come (the process ended)
+
+
+def unsupported() -> str | None:
+    """Why the writer process cannot run here, or None when it can."""
+    if os.name != "posix":
+        return "the writer process needs a POSIX system (arenas are shared by path)"
+    if not sys.executable:
+        return "no Python executable to start the writer process with"
+    return None
+
+
+def _arena_dir() -> str:
+    shm = "/dev/shm"  # memory-backed on Linux; elsewhere the temp folder (the page cache keeps it in memory)
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+
+
+class TensorRef(NamedTuple):
+    """Where a host copy lies: ``nbytes`` at ``offset`` of the arena file ``path``, as dtype/shape/stride."""
+    path: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple
+    stride: tuple
+
+
+# ----------------------------------------------------------------------------- the trainer's side
+_unlinked_at_exit: set[str] = set()  # arena files of this process the writer may not have unlinked yet
+
+
+@atexit.register
+def _remove_arena_files() -> None:
+    for path in list(_unlinked_at_exit):
+        _unlink(path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    _unlinked_at_exit.discard(path)
+
+
+class Arena:
+    """A block of host memory the writer process can map: a file in a memory-backed folder."""
+
+    _names = itertools.count()
+
+    def __init__(self, nbytes: int) -> None:
+        self.size = max(int(nbytes), MIN_ARENA)
+        self.path = os.path.join(_arena_dir(), f"workbench-{os.getpid()}-{next(Arena._names)}.buf")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        _unlinked_at_exit.add(self.path)
+        try:
+            os.ftruncate(fd, self.size)
+            self._map: mmap.mmap | None = mmap.mmap(fd, self.size)
+        except BaseException:
+            _unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
+        self.bytes: torch.Tensor | None = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.used = 0
+
+    def take(self, nbytes: int) -> int | None:
+        """The offset of ``nbytes`` more, or None when they do not fit."""
+        offset = -(-self.used // ALIGN) * ALIGN
+        if offset + nbytes > self.size:
+            return None
+        self.used = offset + nbytes
+        return offset
+
+    def close(self) -> None:
+        self.bytes = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a tensor still views it: the memory goes when that tensor does
+                pass
+            self._map = None
+        _unlink(self.path)
+
+
+class HostBuffers(dict):
+    """One snapshot's host copies (``workbench.trainer._host_copy``'s key -> tensor map) placed in arenas.
+
+    ``_host_copy`` asks :meth:`alloc` for new buffers and puts :meth:`leaf` of each buffer, its
+    :class:`TensorRef`, in the copy's tree: that tree is the message the writer process gets, built
+    in the walk that copies the tensors (a second walk on another thread would hold the GIL while
+    the trainer runs its next step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arenas: list[Arena] = []
+        self.refs: dict[int, TensorRef] = {}  # id(buffer) -> where it lies (the buffers keep their ids alive)
+        self.complete = True  # False once a tensor had to be kept outside the arenas
+
+    def alloc(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor with the layout ``t.to("cpu", copy=True)`` would have, in an arena."""
+        layout = torch.empty_like(t, device="cpu")
+        if layout.layout != torch.strided:
+            self.complete = False  # no plain memory (sparse): this save is written in this process
+            return layout
+        nbytes = layout.untyped_storage().nbytes()
+        arena = self.arenas[-1] if self.arenas else None
+        offset = arena.take(nbytes) if arena is not None else None
+        if arena is None or offset is None:
+            arena = Arena(max(nbytes, 2 * sum(a.size for a in self.arenas)))  # grows geometrically
+            self.arenas.append(arena)
+            offset = arena.take(nbytes)
+        buf = arena.bytes[offset:offset + nbytes].view(layout.dtype).as_strided(layout.shape, layout.stride())
+        self.refs[id(buf)] = TensorRef(arena.path, offset, nbytes, str(layout.dtype).removeprefix("torch."),
+                                       tuple(layout.shape), tuple(layout.stride()))
+        return buf
+
+    def leaf(self, buf: torch.Tensor) -> Any:
+        """What stands for ``buf`` in the message: its TensorRef (the buffer itself when it has none)."""
+        return self.refs.get(id(buf), buf)
+
+    def materialize(self, tree: Any) -> Any:
+        """The tree with each TensorRef replaced by a copy in memory of its own: for writing in this
+        process (torch.save of a view into an arena would write the whole arena)."""
+        arenas = {a.path: a for a in self.arenas}
+
+        def own(obj: Any) -> Any:
+            if isinstance(obj, TensorRef):
+                src = arenas[obj.path].bytes[obj.offset:obj.offset + obj.nbytes].view(getattr(torch, obj.dtype))
+                return torch.empty_strided(obj.shape, obj.stride, dtype=src.dtype).copy_(
+                    src.as_strided(obj.shape, obj.stride))
+            if isinstance(obj, torch.Tensor):
+                return obj.clone(memory_format=torch.preserve_format)
+            if isinstance(obj, dict):
+                return {k: own(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                out = [own(v) for v in obj]
+                return out if isinstance(obj, list) else tuple(out)
+            return obj
+
+        return own(tree)
+
+    def wasteful(self) -> bool:
+        """True when most of the arenas hold copies no longer used (the state's layout changed)."""
+        self.refs = {id(b): self.refs[id(b)] for b in self.values() if id(b) in self.refs}  # the buffers kept
+        return sum(a.used for a in self.arenas) > 2 * sum(r.nbytes for r in self.refs.values()) + MIN_ARENA
+
+    def close(self) -> None:
+        self.clear()
+        self.refs.clear()
+        for arena in self.arenas:
+            arena.close()
+        self.arenas.clear()
+
+
+class _Client:
+    """This process's connection to its writer process (one, shared by every trainer)."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        root = str(Path(__file__).resolve().parent.parent)
+        code = f"import sys; sys.path.insert(0, {root!r}); from workbench.ckptproc import main; main()"
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      close_fds=True)
+        self._out = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
+        self._in = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
+        self._proc.stdin.close()
+        self._proc.stdout.close()
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._jobs: dict[int, list] = {}  # job -> [event, answer]
+        self._ids = itertools.count()
+        self.ended: str | None = None  # why the process is gone
+        self.ready = threading.Event()  # the process has imported torch and reads messages (or has ended)
+        threading.Thread(target=self._read, name="workbench-ckpt-process-reader", daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _read(self) -> None:
+        try:
+            while True:
+                msg = pickle.loads(self._in.recv_bytes())
+                if msg[0] == "ready":
+                    self.ready.set()
+                elif msg[0] == "done":
+                    with self._lock:
+                        job = self._jobs.pop(msg[1], None)
+                    if job is not None:
+                        job[1] = msg[2]
+                        job[0].set()
+        except (EOFError, OSError):
+            pass
+        code = self._proc.wait()
+        with self._lock:
+            self.ended = f"the checkpoint writer process (pid {self._proc.pid}) ended with exit code {code}"
+            jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            job[1] = _LOST
+            job[0].set()
+        self.ready.set()
+
+    def _send(self, msg: tuple) -> bool:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)  # plain data: plain pickle, not ForkingPickler
+        try:
+            with self._send_lock:
+                self._out.send_bytes(data)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def save(self, path: Path, skeleton: Any, pace: bool) -> list | None:
+        """Send one checkpoint to the process; returns at once with the job, ``[event, answer]``: once
+        the event is set, the answer is None (written), the error's text, or ``_LOST`` (the process
+        ended first). None when the message could not be sent (the process has ended)."""
+        job = [threading.Event(), _LOST]
+        with self._lock:
+            if self.ended:
+                return None
+            n = next(self._ids)
+            self._jobs[n] = job
+        if not self._send(("save", n, str(path), skeleton, pace)):
+            with self._lock:
+                self._jobs.pop(n, None)
+            return None
+        return job
+
+    def hurry(self) -> None:
+        """Someone waits for the files: the process stops pacing the save it is writing."""
+        self._send(("hurry",))
+
+    def release(self, path: str) -> None:
+        self._send(("release", path))
+
+    def close(self) -> None:
+        """End the process (it finishes the file it is writing first); for tests and tools."""
+        self._send(("stop",))
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+_client: _Client | None = None
+_client_lock = threading.Lock()
+
+
+def client() -> _Client:
+    """The writer process of this Python process, started when first needed (again if it ended)."""
+    global _client
+    with _client_lock:
+        if _client is None or _client.ended or _client.owner != os.getpid():
+            _client = _Client()
+        return _client
+
+
+class WriteFailed(Exception):
+    """A checkpoint write that failed in the writer process; the message is that process's error."""
+
+
+class ProcessWriter:
+    """Writes checkpoints in the writer process, one at a time, in order (``AsyncWriter``'s interface).
+
+    ``submit`` is called on the trainer thread with a state copied into :class:`HostBuffers` from
+    :meth:`take_buffers`; a thread here turns it into a message, waits for the process's answer and
+    then calls ``on_done`` (which gives the buffers back with :meth:`recycle`). The process paces its
+    work (short bursts, see :class:`Pacer`) only while the trainer's intra-op team fills every core; a
+    writer in its own process takes no GIL from training, only a core. ``on_fallback(why)`` is called
+    once if saves have to be written on this process's thread instead (no process, or it ended).
+    """
+
+    def __init__(self, on_error: Callable[[Path, BaseException], None], pacer: Pacer | None = None,
+                 on_fallback: Callable[[str], None] | None = None) -> None:
+        self._queue: deque = deque()
+        self._cond = threading.Condition()
+        self._busy = 0  # submitted and not yet done
+        self._on_error, self._on_fallback = on_error, on_fallback
+        self._pacer = pacer  # paces the bookkeeping after a save, and the in-process fallback
+        if pacer is not None and pacer.behind is None:
+            pacer.behind = lambda: len(self._queue) > 0  # a newer save waits behind this one
+        self._pool: deque[HostBuffers] = deque()
+        self._client: _Client | None = None
+        self._fell_back: str | None = unsupported()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the process now (it imports torch, ~1 s) rather than at the first save."""
+        if self._fell_back is None and self._client is None:
+            try:
+                self._client = client()
+            except OSError as e:
+                self._fallback(f"the writer process could not start ({e})")
+
+    @property
+    def mode(self) -> str:
+        return "thread" if self._fell_back else "process"
+
+    def take_buffers(self) -> HostBuffers:
+        """Host buffers for the next save: those of an earlier save once it is on disk (copying into
+        memory that is mapped already is ~10x faster than fresh allocations), else new ones."""
+        return self._pool.pop() if self._pool else HostBuffers()
+
+    def recycle(self, buffers: HostBuffers) -> None:
+        """A save is on disk: keep its buffers for the next one (one set; others are freed)."""
+        if self._pool or buffers.wasteful():
+            self._free(buffers)
+        else:
+            self._pool.append(buffers)
+
+    def _free(self, buffers: HostBuffers) -> None:
+        paths = [a.path for a in buffers.arenas]
+        buffers.close()
+        if self._client is not None:
+            for p in paths:
+                self._client.release(p)
+
+    def close(self) -> None:
+        """Free the kept buffers (the run has ended); a later save makes new ones."""
+        while self._pool:
+            self._free(self._pool.pop())
+
+    def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: HostBuffers) -> None:
+        """Called on the trainer thread, which sends the message itself (~35 us of pickling for a small
+        model): handed to a thread, that work would wake it at once and take the GIL in ping-pong with
+        the trainer's next step."""
+        job = None
+        if self._fell_back is None and buffers.complete:
+            if self._client is None:
+                self.start()
+            if self._client is not None:
+                pace = torch.get_num_threads() >= cpu_count()  # the trainer's intra-op team fills the cores
+                job = self._client.save(path, state, pace)
+        with self._cond:
+            self._queue.append((state, path, on_done, buffers, job))
+            self._busy += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="workbench-ckpt-sender", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    if not self._cond.wait(30):
+                        if not self._queue:
+                            self._thread = None
+                            return
+                state, path, on_done, buffers, job = self._queue.popleft()
+            try:
+                self._write(state, path, buffers, job)
+                if self._pacer is not None:
+                    self._pacer.start()  # a rest before on_done's bookkeeping (run.db, retention) takes the GIL
+                on_done(path)
+            except BaseException as e:  # noqa: BLE001 - reported, the run goes on
+                self._on_error(path, e)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def _write(self, state: dict, path: Path, buffers: HostBuffers, job: list | None) -> None:
+        """Wait for the process's answer; write here when it could not (``state``: the host copy, with
+        TensorRefs where its tensors were, see HostBuffers.leaf)."""
+        if job is not None:
+            job[0].wait()
+            if job[1] is None:
+                return
+            if job[1] is not _LOST:
+                raise WriteFailed(job[1])
+        if buffers.complete and self._fell_back is None:
+            self._fallback((self._client.ended if self._client is not None else None) or "the writer process ended")
+        atomic_save(buffers.materialize(state), path, self._pacer)
+
+    def _fallback(self, why: str) -> None:
+        if self._fell_back is None:
+            self._fell_back = why
+            if self._on_fallback is not None:
+                self._on_fallback(why)
+
+    def wait(self) -> None:
+        """Block until every submitted checkpoint is written (at full speed: someone is waiting)."""
+        with self._cond:
+            if not self._busy:
+                return
+        if self._client is not None:
+            self._client.hurry()
+        if self._pacer is not None:
+            self._pacer.hurry(True)
+        try:
+            with self._cond:
+                while self._busy:
+                    self._cond.wait()
+        finally:
+            if self._pacer is not None:
+                self._pacer.hurry(False)
+
+
+# ----------------------------------------------------------------------------- the writer's side
+def _tensor(ref: TensorRef, maps: dict[str, mmap.mmap]) -> torch.Tensor:
+    dtype = getattr(torch, ref.dtype)
+    if ref.nbytes == 0:
+        return torch.empty_strided(ref.shape, ref.stride, dtype=dtype)
+    mm = maps.get(ref.path)
+    if mm is None:
+        fd = os.open(ref.path, os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        os.unlink(ref.path)  # mapped by both now: nothing is left behind if either process dies
+        maps[ref.path] = mm
+    # A storage of exactly these bytes (not the whole arena, which torch.save would write whole).
+    raw = torch.frombuffer(mm, dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
+    return raw.view(dtype).as_strided(ref.shape, ref.stride)
+
+
+def _rebuild(obj: Any, maps: dict[str, mmap.mmap], built: dict[TensorRef, torch.Tensor]) -> Any:
+    if isinstance(obj, TensorRef):
+        if not obj.nbytes:
+            return _tensor(obj, maps)  # an empty one may sit at the offset where the next one starts
+        if obj not in built:  # tied weights share one buffer, and so one storage in the file
+            built[obj] = _tensor(obj, maps)
+        return built[obj]
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, maps, built) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebuild(v, maps, built) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_rebuild(v, maps, built) for v in obj)
+    return obj
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass
+
+
+def main() -> None:
+    """The writer process: read messages from stdin, answer on stdout, until stdin closes."""
+    out = Connection(os.dup(1), readable=False)
+    inp = Connection(os.dup(0), writable=False)
+    os.dup2(2, 1)  # a stray print goes to stderr, never into the answers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; this ends when its pipe closes
+    torch.set_num_threads(1)
+    # Messages are read as they come, so a sender never blocks on a full pipe while a save is written.
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                inbox.put(pickle.loads(inp.recv_bytes()))
+        except (EOFError, OSError):
+            inbox.put(("stop",))
+
+    threading.Thread(target=read, name="workbench-ckpt-inbox", daemon=True).start()
+    pacer = Pacer(behind=lambda: not inbox.empty())  # any message waiting (a hurry, a newer save) ends pauses
+    maps: dict[str, mmap.mmap] = {}
+    def answer(*msg: Any) -> None:
+        out.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+    answer("ready", os.getpid())
+    while True:
+        msg = inbox.get()
+        if msg[0] == "save":
+            _, job, path, skeleton, pace = msg
+            try:
+                state = _rebuild(skeleton, maps, {})
+                atomic_save(state, path, pacer if pace else None)
+                error = None
+            except BaseException as e:  # noqa: BLE001 - sent back; the parent reports it
+                error = f"{type(e).__name__}: {e}"
+            state = None
+            answer("done", job, error)
+        elif msg[0] == "release":
+            mm = maps.pop(msg[1], None)
+            if mm is not None:
+                _close_map(mm)
+        elif msg[0] == "stop":
+            break
+    for mm in maps.values():
+        _close_map(mm)
