@@ -368,18 +368,10 @@ class ProcessWriter:
             self._free(self._pool.pop())
 
     def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: HostBuffers) -> None:
-        """Called on the trainer thread, which sends the message itself (~35 us of pickling for a small
-        model): handed to a thread, that work would wake it at once and take the GIL in ping-pong with
-        the trainer's next step."""
-        job = None
-        if self._fell_back is None and buffers.complete:
-            if self._client is None:
-                self.start()
-            if self._client is not None:
-                pace = torch.get_num_threads() >= cpu_count()  # the trainer's intra-op team fills the cores
-                job = self._client.save(path, state, pace)
+        """Called on the trainer thread; the message is pickled and sent by this writer's thread."""
+        pace = torch.get_num_threads() >= cpu_count()  # the trainer's intra-op team fills every core
         with self._cond:
-            self._queue.append((state, path, on_done, buffers, job))
+            self._queue.append((state, path, on_done, buffers, pace))
             self._busy += 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="workbench-ckpt-sender", daemon=True)
@@ -394,9 +386,9 @@ class ProcessWriter:
                         if not self._queue:
                             self._thread = None
                             return
-                state, path, on_done, buffers, job = self._queue.popleft()
+                state, path, on_done, buffers, pace = self._queue.popleft()
             try:
-                self._write(state, path, buffers, job)
+                self._write(state, path, buffers, pace)
                 if self._pacer is not None:
                     self._pacer.start()  # a rest before on_done's bookkeeping (run.db, retention) takes the GIL
                 on_done(path)
@@ -407,9 +399,20 @@ class ProcessWriter:
                     self._busy -= 1
                     self._cond.notify_all()
 
-    def _write(self, state: dict, path: Path, buffers: HostBuffers, job: list | None) -> None:
-        """Wait for the process's answer; write here when it could not (``state``: the host copy, with
-        TensorRefs where its tensors were, see HostBuffers.leaf)."""
+    def _write(self, state: dict, path: Path, buffers: HostBuffers, pace: bool) -> None:
+        """Send the save to the process and wait for its answer; write here when it cannot (``state``:
+        the host copy, with TensorRefs where its tensors were, see HostBuffers.leaf).
+
+        Pickling the message takes the GIL (~0.2 ms for a small model inside a running loop): the thread
+        first rests a few steps' time so that it does not land on the step that made the copy."""
+        job = None
+        if self._fell_back is None and buffers.complete:
+            if self._client is None:
+                self.start()
+            if self._client is not None:
+                if self._pacer is not None:
+                    self._pacer.start()
+                job = self._client.save(path, state, pace)
         if job is not None:
             job[0].wait()
             if job[1] is None:
