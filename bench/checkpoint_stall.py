@@ -1,20 +1,23 @@
 """Checkpoint stall: the longest step while a checkpoint is being saved, over the median step.
 
     .venv/bin/python bench/checkpoint_stall.py [--quick] [--saves N] [--every K] [--models tiny,medium]
+                                               [--writer auto|process|thread]
 
 Two Trainers with the same model, data and seed (default instrumentation, digits, Adam) run side by
 side, interleaved in chunks (A B A B ...): A saves a checkpoint every K steps, B never does (the control).
 Each A chunk is K steps long and has one save in its middle, so the save's background write finishes
 inside the chunk. A save has two parts: the state is copied to host memory on the trainer thread
-between two steps, then written (torch.save, fsync, rename, retention) by the writer thread while
-training goes on. A save's window runs from the end of the step it follows (the copy starts) to the
+between two steps, then written (torch.save, fsync, rename) while training goes on: by the writer
+process (``checkpoint_writer`` auto/process, the default) or by a writer thread (``--writer thread``). A save's window runs from the end of the step it follows (the copy starts) to the
 file's mtime (its last byte); every step whose interval overlaps a window counts as "during a save".
 
 Figures, per model: the stall ratio (the issue's: the longest step during any save / the median step),
 the same per save as a median over saves (the stall a save typically causes), and both again for the
 control B at the same step numbers. B runs the same diagnosis ticks, layer statistics and recorder
 writes at those steps and the same host noise reaches both, so A's figure minus B's is what the saves
-themselves cost. The first chunk of each side is warm-up.
+themselves cost; "time lost per save" sums that difference over a save's window (median over saves),
+which counts what a writer thread's GIL share costs on every step it overlaps. The first chunk of
+each side is warm-up.
 """
 from __future__ import annotations
 
@@ -89,13 +92,15 @@ def measure(name: str, saves: int, every: int, writer: str = "auto") -> dict:
     med_b = float(np.median(dt_b[step_b > warm]))
     worst_a = [max(by_step_a[int(s)] for s in w) for w in windows]
     worst_b = [max((by_step_b[int(s)] for s in w if int(s) in by_step_b), default=float("nan")) for w in windows]
+    # What a save costs training in all: over its window, A's steps minus B's at the same step numbers.
+    lost = [sum(by_step_a[int(s)] - by_step_b[int(s)] for s in w if int(s) in by_step_b) for w in windows]
     during = np.isin(step_a, np.concatenate(windows)) if windows else np.zeros(len(step_a), bool)
     outside = ~during & (step_a > warm)
     copy = np.isin(step_a, [int(w[0]) for w in windows])
     return {"median_ms": med_a * 1e3, "control_median_ms": med_b * 1e3, "saves": len(windows),
             "ratio": max(worst_a) / med_a, "typical": statistics.median(worst_a) / med_a,
             "control_ratio": np.nanmax(worst_b) / med_b, "control_typical": float(np.nanmedian(worst_b)) / med_b,
-            "copy_ms": float(np.median(dt_a[copy])) * 1e3, "steps_per_save": statistics.median(len(w) for w in windows),
+            "copy_ms": float(np.median(dt_a[copy])) * 1e3, "lost_ms": statistics.median(lost) * 1e3, "steps_per_save": statistics.median(len(w) for w in windows),
             "window_ms": statistics.median(lengths) * 1e3, "size_mb": statistics.median(sizes) / 1e6,
             "outside_ms": float(dt_a[outside].max()) * 1e3 if outside.any() else float("nan"),
             "p99_ms": float(np.percentile(dt_a[step_a > warm], 99)) * 1e3}
@@ -146,13 +151,13 @@ def main() -> None:
     for name in a.models.split(","):
         saves = a.saves or (2 if a.quick else (60 if name == "tiny" else 16))
         r = measure(name, saves, every, a.writer)
-        rows.append([name, r["median_ms"], r["p99_ms"], r["copy_ms"], r["ratio"], r["typical"],
+        rows.append([name, r["median_ms"], r["p99_ms"], r["copy_ms"], r["lost_ms"], r["ratio"], r["typical"],
                      r["control_ratio"], r["control_typical"], r["outside_ms"], r["saves"], r["steps_per_save"],
                      r["window_ms"], r["size_mb"]])
         finals.append(f"{name} {r['ratio']:.2f} (median save {r['typical']:.2f}; control without saves "
                       f"{r['control_ratio']:.2f} / {r['control_typical']:.2f})")
     print(f"\ncheckpoint_every={every}, checkpoint_writer={a.writer}; A saves, B (control) does not; windows from the copy to the file's last write")
-    print(table(rows, ["model", "median step ms", "p99 step ms", "copy step ms (median)",
+    print(table(rows, ["model", "median step ms", "p99 step ms", "copy step ms (median)", "time lost per save ms",
                        "worst step during saves/median", "median over saves of its worst step/median",
                        "control: same steps, worst/median", "control: median over saves",
                        "worst step outside saves ms", "saves", "steps per save", "save window ms", "file MB"]))

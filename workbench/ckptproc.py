@@ -45,6 +45,7 @@ from .pacing import Pacer
 
 ALIGN = 64          # arena offsets are multiples of this (any dtype's alignment)
 MIN_ARENA = 1 << 16
+NICE = 10           # the writer process's niceness, relative to its parent
 _LOST = object()    # a job whose answer will never come (the process ended)
 
 
@@ -496,6 +497,10 @@ def main() -> None:
     os.dup2(2, 1)  # a stray print goes to stderr, never into the answers
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; this ends when its pipe closes
     torch.set_num_threads(1)
+    try:  # when it has to share a core with training, the scheduler gives training the larger part
+        os.nice(NICE)
+    except OSError:
+        pass
     # Messages are read as they come, so a sender never blocks on a full pipe while a save is written.
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
