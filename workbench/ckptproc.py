@@ -222,10 +222,6 @@ class _Client:
         self.ready = threading.Event()  # the process has imported torch and reads messages (or has ended)
         threading.Thread(target=self._read, name="workbench-ckpt-process-reader", daemon=True).start()
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
     def _read(self) -> None:
         try:
             while True:
@@ -281,14 +277,6 @@ class _Client:
     def release(self, path: str) -> None:
         self._send(("release", path))
 
-    def close(self) -> None:
-        """End the process (it finishes the file it is writing first); for tests and tools."""
-        self._send(("stop",))
-        try:
-            self._proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-
 
 _client: _Client | None = None
 _client_lock = threading.Lock()
@@ -330,6 +318,7 @@ class ProcessWriter:
         self._pool: deque[HostBuffers] = deque()
         self._client: _Client | None = None
         self._fell_back: str | None = unsupported()
+        self._cpus = cpu_count()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -370,7 +359,7 @@ class ProcessWriter:
 
     def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: HostBuffers) -> None:
         """Called on the trainer thread; the message is pickled and sent by this writer's thread."""
-        pace = torch.get_num_threads() >= cpu_count()  # the trainer's intra-op team fills every core
+        pace = torch.get_num_threads() >= self._cpus  # the trainer's intra-op team fills every core
         with self._cond:
             self._queue.append((state, path, on_done, buffers, pace))
             self._busy += 1
