@@ -48,23 +48,28 @@ def _step_times(tr: Trainer, firsts: set[int]) -> tuple[np.ndarray, np.ndarray]:
     return step[1:][keep], np.diff(t)[keep]
 
 
-def measure(name: str, saves: int, every: int, writer: str = "auto") -> dict:
-    a, b = _trainer(name, every, writer), _trainer(name, 0)
-    if a._writer.mode == "process":  # the writer process imports torch (~1 s) before it can take a save
+def measure(name: str, saves: int, every: int, writers: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """One saving side per writer (A), one control (B), all interleaved; a result per A."""
+    sides, b = [_trainer(name, every, w) for w in writers], _trainer(name, 0)
+    if any(a._writer.mode == "process" for a in sides):  # the writer process imports torch (~1 s) first
         from workbench.ckptproc import client
         client().ready.wait(60)
-    firsts: set[int] = set()  # the same step numbers on both sides
-    for tr in (a, b):
+    firsts: set[int] = set()  # the same step numbers on every side
+    for tr in (*sides, b):
         tr.start(paused=True)
         run_trainer_chunk(tr, every // 2)  # A's chunks now have their save in the middle
     for _ in range(saves + 1):  # chunk 0 is warm-up
-        firsts.add(a.step_count + 1)
-        for tr in (a, b):
+        firsts.add(b.step_count + 1)
+        for tr in (*sides, b):
             time.sleep(0.1)  # the same short pause before every chunk
             run_trainer_chunk(tr, every)
-    for tr in (a, b):
+    for tr in (*sides, b):
         tr.stop().wait(120)
         tr.join()
+    return [_figures(a, b, firsts, every) | {"writer": w, "mode": a._writer.mode} for a, w in zip(sides, writers)]
+
+
+def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
     h = a.history
     row_time = dict(zip(h["step"].to_numpy().tolist(), h["time"].to_numpy().tolist()))
     step_a, dt_a = _step_times(a, firsts)
@@ -141,21 +146,25 @@ def main() -> None:
     ap.add_argument("--saves", type=int, default=None, help="timed saves per model (default 60 tiny, 16 medium)")
     ap.add_argument("--every", type=int, default=None, help="checkpoint_every (default 50)")
     ap.add_argument("--models", default="tiny,medium")
-    ap.add_argument("--writer", default="auto", choices=("auto", "process", "thread"),
-                    help="A's checkpoint_writer (auto: the writer process where it can run)")
+    ap.add_argument("--writer", default="auto",
+                    help="checkpoint_writer of the saving side: auto (the writer process where it can run), process, "
+                         "thread, or several, comma-separated (e.g. process,thread: one saving side each, all "
+                         "interleaved with the one control)")
     a = ap.parse_args()
     print(f"# bench/checkpoint_stall.py  {env_line()}")
     notebook_warmup()
     every = a.every or (10 if a.quick else 50)
     rows, finals = [], []
+    writers = tuple(w.strip() for w in a.writer.split(","))
     for name in a.models.split(","):
         saves = a.saves or (2 if a.quick else (60 if name == "tiny" else 16))
-        r = measure(name, saves, every, a.writer)
-        rows.append([name, r["median_ms"], r["p99_ms"], r["copy_ms"], r["lost_ms"], r["ratio"], r["typical"],
-                     r["control_ratio"], r["control_typical"], r["outside_ms"], r["saves"], r["steps_per_save"],
-                     r["window_ms"], r["size_mb"]])
-        finals.append(f"{name} {r['ratio']:.2f} (median save {r['typical']:.2f}; control without saves "
-                      f"{r['control_ratio']:.2f} / {r['control_typical']:.2f})")
+        for r in measure(name, saves, every, writers):
+            label = name if len(writers) == 1 else f"{name} ({r['mode']})"
+            rows.append([label, r["median_ms"], r["p99_ms"], r["copy_ms"], r["lost_ms"], r["ratio"], r["typical"],
+                         r["control_ratio"], r["control_typical"], r["outside_ms"], r["saves"], r["steps_per_save"],
+                         r["window_ms"], r["size_mb"]])
+            finals.append(f"{label} {r['ratio']:.2f} (median save {r['typical']:.2f}; control without saves "
+                          f"{r['control_ratio']:.2f} / {r['control_typical']:.2f})")
     print(f"\ncheckpoint_every={every}, checkpoint_writer={a.writer}; A saves, B (control) does not; windows from the copy to the file's last write")
     print(table(rows, ["model", "median step ms", "p99 step ms", "copy step ms (median)", "time lost per save ms",
                        "worst step during saves/median", "median over saves of its worst step/median",

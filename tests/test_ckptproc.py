@@ -12,7 +12,7 @@ import torch
 
 from workbench import Trainer
 from workbench import ckptproc
-from workbench.checkpoint import AsyncWriter, load_checkpoint
+from workbench.checkpoint import AsyncWriter, atomic_save, load_checkpoint
 from workbench.trainer import _host_copy
 
 pytestmark = pytest.mark.skipif(ckptproc.unsupported() is not None, reason=str(ckptproc.unsupported()))
@@ -37,7 +37,7 @@ def _write(writer, state: dict, buffers, path: Path) -> list:
 
 
 def _arena_files() -> list[str]:
-    return [p for p in os.listdir(ckptproc._arena_dir()) if p.startswith(f"workbench-{os.getpid()}-")]
+    return [p for d in ckptproc._arena_dirs() for p in os.listdir(d) if p.startswith(f"workbench-{os.getpid()}-")]
 
 
 def test_the_process_writes_the_bytes_a_thread_writes(tmp_path):
@@ -49,6 +49,9 @@ def test_the_process_writes_the_bytes_a_thread_writes(tmp_path):
     assert _write(proc, state, buffers, tmp_path / "p.pt") == [tmp_path / "p.pt"]
     assert _write(AsyncWriter(lambda p, e: None), state, {}, tmp_path / "t.pt") == [tmp_path / "t.pt"]
     assert (tmp_path / "p.pt").read_bytes() == (tmp_path / "t.pt").read_bytes()
+    # what this process writes when the writer process is lost: the same bytes again
+    atomic_save(buffers.materialize(_host_copy(state, buffers)), tmp_path / "m.pt")
+    assert (tmp_path / "m.pt").read_bytes() == (tmp_path / "t.pt").read_bytes()
     back = torch.load(tmp_path / "p.pt", weights_only=True)
     assert back["model"]["enc"] is back["model"]["dec"] or \
         back["model"]["enc"].untyped_storage().data_ptr() == back["model"]["dec"].untyped_storage().data_ptr()
@@ -76,6 +79,20 @@ def test_a_failed_write_is_reported_with_the_process_error(tmp_path):
     assert len(errors) == 1 and isinstance(errors[0], ckptproc.WriteFailed)
     assert "FileExistsError" in str(errors[0]) or "NotADirectoryError" in str(errors[0])
     assert proc.mode == "process"  # a failed write is not a lost process
+
+
+def test_without_room_for_an_arena_the_save_is_written_here(tmp_path, monkeypatch):
+    """No folder can take an arena (here: none exists; in a container, a full /dev/shm): the host copy
+    stays in private memory and this process writes the file, the same bytes."""
+    state = _state()
+    monkeypatch.setattr(ckptproc, "_arena_dirs", lambda: [str(tmp_path / "missing")])
+    proc = ckptproc.ProcessWriter(lambda p, e: None)
+    buffers = proc.take_buffers()
+    assert _write(proc, state, buffers, tmp_path / "p.pt") == [tmp_path / "p.pt"]
+    assert not buffers.complete and not buffers.arenas
+    assert _write(AsyncWriter(lambda p, e: None), state, {}, tmp_path / "t.pt") == [tmp_path / "t.pt"]
+    assert (tmp_path / "p.pt").read_bytes() == (tmp_path / "t.pt").read_bytes()
+    assert proc.mode == "process"  # the next save may find room again
 
 
 def test_a_lost_writer_process_is_replaced_by_the_thread(tmp_path):

@@ -58,9 +58,12 @@ def unsupported() -> str | None:
     return None
 
 
-def _arena_dir() -> str:
-    shm = "/dev/shm"  # memory-backed on Linux; elsewhere the temp folder (the page cache keeps it in memory)
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+def _arena_dirs() -> list[str]:
+    """Where arenas may go, best first: /dev/shm (memory-backed on Linux), then the temp folder (the page
+    cache keeps a file that is written and read at once in memory)."""
+    shm = "/dev/shm"
+    first = [shm] if os.path.isdir(shm) and os.access(shm, os.W_OK) else []
+    return first + [tempfile.gettempdir()]
 
 
 class TensorRef(NamedTuple):
@@ -98,19 +101,32 @@ class Arena:
 
     def __init__(self, nbytes: int) -> None:
         self.size = max(int(nbytes), MIN_ARENA)
-        self.path = os.path.join(_arena_dir(), f"workbench-{os.getpid()}-{next(Arena._names)}.buf")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        _unlinked_at_exit.add(self.path)
+        name = f"workbench-{os.getpid()}-{next(Arena._names)}.buf"
+        for i, folder in enumerate(dirs := _arena_dirs()):
+            try:
+                self._map: mmap.mmap | None = self._create(os.path.join(folder, name))
+                break
+            except OSError:  # no room there (a container's /dev/shm is often 64 MB): the next folder
+                if i == len(dirs) - 1:
+                    raise
+        self.bytes: torch.Tensor | None = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.used = 0
+
+    def _create(self, path: str) -> mmap.mmap:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.path = path
+        _unlinked_at_exit.add(path)
         try:
-            os.ftruncate(fd, self.size)
-            self._map: mmap.mmap | None = mmap.mmap(fd, self.size)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, self.size)  # room reserved now: a write to the map can never fail
+            else:
+                os.ftruncate(fd, self.size)
+            return mmap.mmap(fd, self.size)
         except BaseException:
-            _unlink(self.path)
+            _unlink(path)
             raise
         finally:
             os.close(fd)
-        self.bytes: torch.Tensor | None = torch.frombuffer(self._map, dtype=torch.uint8)
-        self.used = 0
 
     def take(self, nbytes: int) -> int | None:
         """The offset of ``nbytes`` more, or None when they do not fit."""
@@ -155,7 +171,11 @@ class HostBuffers(dict):
         arena = self.arenas[-1] if self.arenas else None
         offset = arena.take(nbytes) if arena is not None else None
         if arena is None or offset is None:
-            arena = Arena(max(nbytes, 2 * sum(a.size for a in self.arenas)))  # grows geometrically
+            try:
+                arena = Arena(max(nbytes, 2 * sum(a.size for a in self.arenas)))  # grows geometrically
+            except OSError:  # no shared memory to be had: this save is written in this process
+                self.complete = False
+                return layout
             self.arenas.append(arena)
             offset = arena.take(nbytes)
         buf = arena.bytes[offset:offset + nbytes].view(layout.dtype).as_strided(layout.shape, layout.stride())
@@ -171,14 +191,19 @@ class HostBuffers(dict):
         """The tree with each TensorRef replaced by a copy in memory of its own: for writing in this
         process (torch.save of a view into an arena would write the whole arena)."""
         arenas = {a.path: a for a in self.arenas}
+        done: dict[Any, torch.Tensor] = {}  # one copy per buffer: tied weights stay tied in the file
 
         def own(obj: Any) -> Any:
             if isinstance(obj, TensorRef):
-                src = arenas[obj.path].bytes[obj.offset:obj.offset + obj.nbytes].view(getattr(torch, obj.dtype))
-                return torch.empty_strided(obj.shape, obj.stride, dtype=src.dtype).copy_(
-                    src.as_strided(obj.shape, obj.stride))
+                if obj not in done or not obj.nbytes:
+                    src = arenas[obj.path].bytes[obj.offset:obj.offset + obj.nbytes].view(getattr(torch, obj.dtype))
+                    done[obj] = torch.empty_strided(obj.shape, obj.stride, dtype=src.dtype).copy_(
+                        src.as_strided(obj.shape, obj.stride))
+                return done[obj]
             if isinstance(obj, torch.Tensor):
-                return obj.clone(memory_format=torch.preserve_format)
+                if id(obj) not in done:  # the buffers outlive this call, so their ids are not reused
+                    done[id(obj)] = obj.clone(memory_format=torch.preserve_format)
+                return done[id(obj)]
             if isinstance(obj, dict):
                 return {k: own(v) for k, v in obj.items()}
             if isinstance(obj, (list, tuple)):
