@@ -159,22 +159,20 @@ class HostBuffers(dict):
         super().__init__()
         self.arenas: list[Arena] = []
         self.refs: dict[int, TensorRef] = {}  # id(buffer) -> where it lies (the buffers keep their ids alive)
-        self.complete = True  # False once a tensor had to be kept outside the arenas
+        self.complete = True  # False when a tensor of this save lies outside the arenas
 
     def alloc(self, t: torch.Tensor) -> torch.Tensor:
         """A host tensor with the layout ``t.to("cpu", copy=True)`` would have, in an arena."""
         layout = torch.empty_like(t, device="cpu")
         if layout.layout != torch.strided:
-            self.complete = False  # no plain memory (sparse): this save is written in this process
-            return layout
+            return layout  # no plain memory (sparse): no ref, so this save is written in this process
         nbytes = layout.untyped_storage().nbytes()
         arena = self.arenas[-1] if self.arenas else None
         offset = arena.take(nbytes) if arena is not None else None
         if arena is None or offset is None:
             try:
                 arena = Arena(max(nbytes, 2 * sum(a.size for a in self.arenas)))  # grows geometrically
-            except OSError:  # no shared memory to be had: this save is written in this process
-                self.complete = False
+            except OSError:  # no shared memory to be had: no ref, so this save is written in this process
                 return layout
             self.arenas.append(arena)
             offset = arena.take(nbytes)
@@ -184,8 +182,13 @@ class HostBuffers(dict):
         return buf
 
     def leaf(self, buf: torch.Tensor) -> Any:
-        """What stands for ``buf`` in the message: its TensorRef (the buffer itself when it has none)."""
-        return self.refs.get(id(buf), buf)
+        """What stands for ``buf`` in the message: its TensorRef (the buffer itself when it has none,
+        and then the save cannot go to the writer process)."""
+        ref = self.refs.get(id(buf))
+        if ref is None:
+            self.complete = False
+            return buf
+        return ref
 
     def materialize(self, tree: Any) -> Any:
         """The tree with each TensorRef replaced by a copy in memory of its own: for writing in this
@@ -361,11 +364,13 @@ class ProcessWriter:
     def take_buffers(self) -> HostBuffers:
         """Host buffers for the next save: those of an earlier save once it is on disk (copying into
         memory that is mapped already is ~10x faster than fresh allocations), else new ones."""
-        return self._pool.pop() if self._pool else HostBuffers()
+        buffers = self._pool.pop() if self._pool else HostBuffers()
+        buffers.complete = True
+        return buffers
 
     def recycle(self, buffers: HostBuffers) -> None:
         """A save is on disk: keep its buffers for the next one (one set; others are freed)."""
-        if self._pool or buffers.wasteful():
+        if self._pool or not buffers.complete or buffers.wasteful():  # (incomplete: try the arenas again)
             self._free(buffers)
         else:
             self._pool.append(buffers)
