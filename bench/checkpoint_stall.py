@@ -8,7 +8,8 @@ side, interleaved in chunks (A B A B ...): A saves a checkpoint every K steps, B
 Each A chunk is K steps long and has one save in its middle, so the save's background write finishes
 inside the chunk. A save has two parts: the state is copied to host memory on the trainer thread
 between two steps, then written (torch.save, fsync, rename) while training goes on: by the writer
-process (``checkpoint_writer`` auto/process, the default) or by a writer thread (``--writer thread``). A save's window runs from the end of the step it follows (the copy starts) to the
+process (``checkpoint_writer`` auto/process, the default) or by a writer thread (``--writer thread``).
+A save's window runs from the end of the step it follows (the copy starts) to the
 file's mtime (its last byte); every step whose interval overlaps a window counts as "during a save".
 
 Figures, per model: the stall ratio (the issue's: the longest step during any save / the median step),
@@ -35,7 +36,8 @@ MODELS = {"tiny": dict(width=64, bs=64), "medium": dict(width=1024, bs=128)}
 
 def _trainer(name: str, every: int, writer: str = "auto") -> Trainer:
     spec = MODELS[name]
-    return Trainer(checkpoint_writer=writer, dataset="digits", model="mlp", model_options={"depth": 2, "width": spec["width"]}, val_fraction=0.0,
+    return Trainer(checkpoint_writer=writer, dataset="digits", model="mlp",
+                   model_options={"depth": 2, "width": spec["width"]}, val_fraction=0.0,
                    lr=1e-3, batch_size=spec["bs"], max_steps=None, max_epochs=None, seed=0, eval_every=0,
                    runs_root=runs_dir(), device="cpu", checkpoint_every=every, keep_checkpoints=100_000)
 
@@ -165,7 +167,8 @@ def main() -> None:
                          r["window_ms"], r["size_mb"]])
             finals.append(f"{label} {r['ratio']:.2f} (median save {r['typical']:.2f}; control without saves "
                           f"{r['control_ratio']:.2f} / {r['control_typical']:.2f})")
-    print(f"\ncheckpoint_every={every}, checkpoint_writer={a.writer}; A saves, B (control) does not; windows from the copy to the file's last write")
+    print(f"\ncheckpoint_every={every}, checkpoint_writer={a.writer}; A saves, B (control) does not; "
+          "windows from the copy to the file's last write")
     print(table(rows, ["model", "median step ms", "p99 step ms", "copy step ms (median)", "time lost per save ms",
                        "worst step during saves/median", "median over saves of its worst step/median",
                        "control: same steps, worst/median", "control: median over saves",

@@ -129,7 +129,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 3
     keep_best: int = 1
-    checkpoint_writer: str = "auto"  # process: a writer process (no GIL shared with training); auto: that where it can run
+    checkpoint_writer: str = "auto"  # process: a writer process (a GIL of its own); auto: that where it can run
     layer_every: int = 25
     sync_every: int = 50
     tensorboard: bool = True
