@@ -67,13 +67,30 @@ def _arena_dirs() -> list[str]:
 
 
 class TensorRef(NamedTuple):
-    """Where a host copy lies: ``nbytes`` at ``offset`` of the arena file ``path``, as dtype/shape/stride."""
+    """Where a host copy lies: ``nbytes`` at ``offset`` of the arena file ``path``, as dtype/shape/stride.
+
+    In a message it travels as a plain tuple tagged with ``REF_TAG`` (:meth:`wire`): the pickler writes a
+    plain tuple without calling back into Python, and every such call would let the trainer thread and
+    the thread sending the message hand the GIL back and forth (~27 times for a small model's state)."""
     path: str
     offset: int
     nbytes: int
     dtype: str
     shape: tuple
     stride: tuple
+
+    def wire(self) -> tuple:
+        return (REF_TAG, *self)
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> "TensorRef | None":
+        """The TensorRef a message's tuple stands for, or None when it is plain data."""
+        if type(obj) is tuple and len(obj) == 7 and obj[0] == REF_TAG:
+            return cls(*obj[1:])
+        return None
+
+
+REF_TAG = "\x00workbench.TensorRef"
 
 
 # ----------------------------------------------------------------------------- the trainer's side
@@ -158,7 +175,7 @@ class HostBuffers(dict):
     def __init__(self) -> None:
         super().__init__()
         self.arenas: list[Arena] = []
-        self.refs: dict[int, TensorRef] = {}  # id(buffer) -> where it lies (the buffers keep their ids alive)
+        self.refs: dict[int, tuple[TensorRef, tuple]] = {}  # id(buffer) -> where it lies, and its wire form
         self.complete = True  # False when a tensor of this save lies outside the arenas
 
     def alloc(self, t: torch.Tensor) -> torch.Tensor:
@@ -177,8 +194,9 @@ class HostBuffers(dict):
             self.arenas.append(arena)
             offset = arena.take(nbytes)
         buf = arena.bytes[offset:offset + nbytes].view(layout.dtype).as_strided(layout.shape, layout.stride())
-        self.refs[id(buf)] = TensorRef(arena.path, offset, nbytes, str(layout.dtype).removeprefix("torch."),
-                                       tuple(layout.shape), tuple(layout.stride()))
+        ref = TensorRef(arena.path, offset, nbytes, str(layout.dtype).removeprefix("torch."), tuple(layout.shape),
+                        tuple(layout.stride()))
+        self.refs[id(buf)] = (ref, ref.wire())
         return buf
 
     def leaf(self, buf: torch.Tensor) -> Any:
@@ -188,7 +206,7 @@ class HostBuffers(dict):
         if ref is None:
             self.complete = False
             return buf
-        return ref
+        return ref[1]
 
     def materialize(self, tree: Any) -> Any:
         """The tree with each TensorRef replaced by a copy in memory of its own: for writing in this
@@ -197,12 +215,12 @@ class HostBuffers(dict):
         done: dict[Any, torch.Tensor] = {}  # one copy per buffer: tied weights stay tied in the file
 
         def own(obj: Any) -> Any:
-            if isinstance(obj, TensorRef):
-                if obj not in done or not obj.nbytes:
-                    src = arenas[obj.path].bytes[obj.offset:obj.offset + obj.nbytes].view(getattr(torch, obj.dtype))
-                    done[obj] = torch.empty_strided(obj.shape, obj.stride, dtype=src.dtype).copy_(
-                        src.as_strided(obj.shape, obj.stride))
-                return done[obj]
+            if (ref := TensorRef.from_wire(obj)) is not None:
+                if ref not in done or not ref.nbytes:
+                    src = arenas[ref.path].bytes[ref.offset:ref.offset + ref.nbytes].view(getattr(torch, ref.dtype))
+                    done[ref] = torch.empty_strided(ref.shape, ref.stride, dtype=src.dtype).copy_(
+                        src.as_strided(ref.shape, ref.stride))
+                return done[ref]
             if isinstance(obj, torch.Tensor):
                 if id(obj) not in done:  # the buffers outlive this call, so their ids are not reused
                     done[id(obj)] = obj.clone(memory_format=torch.preserve_format)
@@ -219,7 +237,7 @@ class HostBuffers(dict):
     def wasteful(self) -> bool:
         """True when most of the arenas hold copies no longer used (the state's layout changed)."""
         self.refs = {id(b): self.refs[id(b)] for b in self.values() if id(b) in self.refs}  # the buffers kept
-        return sum(a.used for a in self.arenas) > 2 * sum(r.nbytes for r in self.refs.values()) + MIN_ARENA
+        return sum(a.used for a in self.arenas) > 2 * sum(r.nbytes for r, _ in self.refs.values()) + MIN_ARENA
 
     def close(self) -> None:
         self.clear()
@@ -487,12 +505,12 @@ def _tensor(ref: TensorRef, maps: dict[str, mmap.mmap]) -> torch.Tensor:
 
 
 def _rebuild(obj: Any, maps: dict[str, mmap.mmap], built: dict[TensorRef, torch.Tensor]) -> Any:
-    if isinstance(obj, TensorRef):
-        if not obj.nbytes:
-            return _tensor(obj, maps)  # an empty one may sit at the offset where the next one starts
-        if obj not in built:  # tied weights share one buffer, and so one storage in the file
-            built[obj] = _tensor(obj, maps)
-        return built[obj]
+    if (ref := TensorRef.from_wire(obj)) is not None:
+        if not ref.nbytes:
+            return _tensor(ref, maps)  # an empty one may sit at the offset where the next one starts
+        if ref not in built:  # tied weights share one buffer, and so one storage in the file
+            built[ref] = _tensor(ref, maps)
+        return built[ref]
     if isinstance(obj, dict):
         return {k: _rebuild(v, maps, built) for k, v in obj.items()}
     if isinstance(obj, list):
