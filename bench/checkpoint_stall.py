@@ -104,10 +104,17 @@ def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
     during = np.isin(step_a, np.concatenate(windows)) if windows else np.zeros(len(step_a), bool)
     outside = ~during & (step_a > warm)
     copy = np.isin(step_a, [int(w[0]) for w in windows])
-    return {"median_ms": med_a * 1e3, "control_median_ms": med_b * 1e3, "saves": len(windows),
+    # Step by step after the save's step s (s+1 holds the copy), as a ratio to each side's median step.
+    saved = [int(w[0]) - 1 for w in windows]
+    def med(xs: list[float]) -> float:
+        return statistics.median(xs) if xs else float("nan")  # (quick mode: chunks shorter than 7 steps)
+    after = {k: (med([by_step_a[s + k] for s in saved if s + k in by_step_a]) / med_a,
+                 med([by_step_b[s + k] for s in saved if s + k in by_step_b]) / med_b) for k in range(1, 7)}
+    return {"after": after, "median_ms": med_a * 1e3, "control_median_ms": med_b * 1e3, "saves": len(windows),
             "ratio": max(worst_a) / med_a, "typical": statistics.median(worst_a) / med_a,
             "control_ratio": np.nanmax(worst_b) / med_b, "control_typical": float(np.nanmedian(worst_b)) / med_b,
-            "copy_ms": float(np.median(dt_a[copy])) * 1e3, "lost_ms": statistics.median(lost) * 1e3, "steps_per_save": statistics.median(len(w) for w in windows),
+            "copy_ms": float(np.median(dt_a[copy])) * 1e3, "lost_ms": statistics.median(lost) * 1e3,
+            "steps_per_save": statistics.median(len(w) for w in windows),
             "window_ms": statistics.median(lengths) * 1e3, "size_mb": statistics.median(sizes) / 1e6,
             "outside_ms": float(dt_a[outside].max()) * 1e3 if outside.any() else float("nan"),
             "p99_ms": float(np.percentile(dt_a[step_a > warm], 99)) * 1e3}
@@ -156,7 +163,7 @@ def main() -> None:
     print(f"# bench/checkpoint_stall.py  {env_line()}")
     notebook_warmup()
     every = a.every or (10 if a.quick else 50)
-    rows, finals = [], []
+    rows, finals, after_rows = [], [], []
     writers = tuple(w.strip() for w in a.writer.split(","))
     for name in a.models.split(","):
         saves = a.saves or (2 if a.quick else (60 if name == "tiny" else 16))
@@ -165,6 +172,7 @@ def main() -> None:
             rows.append([label, r["median_ms"], r["p99_ms"], r["copy_ms"], r["lost_ms"], r["ratio"], r["typical"],
                          r["control_ratio"], r["control_typical"], r["outside_ms"], r["saves"], r["steps_per_save"],
                          r["window_ms"], r["size_mb"]])
+            after_rows.append([label] + [f"{x:.2f} / {y:.2f}" for x, y in r["after"].values()])
             finals.append(f"{label} {r['ratio']:.2f} (median save {r['typical']:.2f}; control without saves "
                           f"{r['control_ratio']:.2f} / {r['control_typical']:.2f})")
     print(f"\ncheckpoint_every={every}, checkpoint_writer={a.writer}; A saves, B (control) does not; "
@@ -173,6 +181,9 @@ def main() -> None:
                        "worst step during saves/median", "median over saves of its worst step/median",
                        "control: same steps, worst/median", "control: median over saves",
                        "worst step outside saves ms", "saves", "steps per save", "save window ms", "file MB"]))
+    print("\nthe steps after a save's step s, median over saves, / median step: saving side / control at the "
+          "same steps (s+1 holds the copy; a diagnosis tick due at s waits until s+1 is done)")
+    print(table(after_rows, ["model"] + [f"s+{k}" for k in range(1, 7)]))
     copy_rows = []
     for name in a.models.split(","):
         c = copy_part(name, 5 if a.quick else 40)
