@@ -333,21 +333,26 @@ class AsyncWriter:
         self._pool.clear()
 
     def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: dict | None = None) -> None:
+        """Queue one save: ``state`` is the host copy (in ``buffers``, from :meth:`take_buffers`); ``on_done``
+        runs on the writer's thread once the file is on disk. Called on the trainer thread."""
+        self._enqueue((state, path, on_done, buffers, None))
+
+    def _enqueue(self, item: tuple) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="workbench-ckpt-writer", daemon=True)
                 self._thread.start()
-        self._queue.put((state, path, on_done))
+        self._queue.put(item)
+
+    def _write(self, state: dict, path: Path, buffers: Any, extra: Any) -> None:
+        """Write one queued save (``extra``: what a subclass queued with it)."""
+        atomic_save(state, path, self._pacer)
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            state, path, on_done = item
+            state, path, on_done, buffers, extra = self._queue.get()
             try:
-                atomic_save(state, path, self._pacer)
+                self._write(state, path, buffers, extra)
                 on_done(path)
             except BaseException as e:  # noqa: BLE001 - reported, the run goes on
                 self._on_error(path, e)

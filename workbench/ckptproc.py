@@ -32,14 +32,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections import deque
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .checkpoint import atomic_save
+from .checkpoint import AsyncWriter, atomic_save
 from .cputhreads import cpu_count
 from .pacing import Pacer
 
@@ -175,7 +174,8 @@ class HostBuffers(dict):
     def __init__(self) -> None:
         super().__init__()
         self.arenas: list[Arena] = []
-        self.refs: dict[int, tuple[TensorRef, tuple]] = {}  # id(buffer) -> where it lies, and its wire form
+        # id(buffer) -> (the buffer, where it lies, its wire form); holding the buffer keeps its id its own
+        self.refs: dict[int, tuple[torch.Tensor, TensorRef, tuple]] = {}
         self.complete = True  # False when a tensor of this save lies outside the arenas
 
     def alloc(self, t: torch.Tensor) -> torch.Tensor:
@@ -196,48 +196,34 @@ class HostBuffers(dict):
         buf = arena.bytes[offset:offset + nbytes].view(layout.dtype).as_strided(layout.shape, layout.stride())
         ref = TensorRef(arena.path, offset, nbytes, str(layout.dtype).removeprefix("torch."), tuple(layout.shape),
                         tuple(layout.stride()))
-        self.refs[id(buf)] = (ref, ref.wire())
+        self.refs[id(buf)] = (buf, ref, ref.wire())
         return buf
 
     def leaf(self, buf: torch.Tensor) -> Any:
         """What stands for ``buf`` in the message: its TensorRef (the buffer itself when it has none,
         and then the save cannot go to the writer process)."""
-        ref = self.refs.get(id(buf))
-        if ref is None:
+        entry = self.refs.get(id(buf))
+        if entry is None or entry[0] is not buf:
             self.complete = False
             return buf
-        return ref[1]
+        return entry[2]
 
     def materialize(self, tree: Any) -> Any:
         """The tree with each TensorRef replaced by a copy in memory of its own: for writing in this
         process (torch.save of a view into an arena would write the whole arena)."""
         arenas = {a.path: a for a in self.arenas}
-        done: dict[Any, torch.Tensor] = {}  # one copy per buffer: tied weights stay tied in the file
 
-        def own(obj: Any) -> Any:
-            if (ref := TensorRef.from_wire(obj)) is not None:
-                if ref not in done or not ref.nbytes:
-                    src = arenas[ref.path].bytes[ref.offset:ref.offset + ref.nbytes].view(getattr(torch, ref.dtype))
-                    done[ref] = torch.empty_strided(ref.shape, ref.stride, dtype=src.dtype).copy_(
-                        src.as_strided(ref.shape, ref.stride))
-                return done[ref]
-            if isinstance(obj, torch.Tensor):
-                if id(obj) not in done:  # the buffers outlive this call, so their ids are not reused
-                    done[id(obj)] = obj.clone(memory_format=torch.preserve_format)
-                return done[id(obj)]
-            if isinstance(obj, dict):
-                return {k: own(v) for k, v in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                out = [own(v) for v in obj]
-                return out if isinstance(obj, list) else tuple(out)
-            return obj
+        def copy(ref: TensorRef) -> torch.Tensor:
+            src = arenas[ref.path].bytes[ref.offset:ref.offset + ref.nbytes].view(getattr(torch, ref.dtype))
+            return torch.empty_strided(ref.shape, ref.stride, dtype=src.dtype).copy_(src.as_strided(ref.shape,
+                                                                                                      ref.stride))
 
-        return own(tree)
+        return _with_tensors(tree, copy, lambda t: t.clone(memory_format=torch.preserve_format))
 
     def wasteful(self) -> bool:
         """True when most of the arenas hold copies no longer used (the state's layout changed)."""
         self.refs = {id(b): self.refs[id(b)] for b in self.values() if id(b) in self.refs}  # the buffers kept
-        return sum(a.used for a in self.arenas) > 2 * sum(r.nbytes for r, _ in self.refs.values()) + MIN_ARENA
+        return sum(a.used for a in self.arenas) > 2 * sum(r.nbytes for _, r, _ in self.refs.values()) + MIN_ARENA
 
     def close(self) -> None:
         self.clear()
@@ -245,6 +231,33 @@ class HostBuffers(dict):
         for arena in self.arenas:
             arena.close()
         self.arenas.clear()
+
+
+def _with_tensors(tree: Any, make: Callable[[TensorRef], torch.Tensor],
+                  own: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
+    """A message's tree with each TensorRef replaced by ``make(ref)`` and each tensor by ``own(tensor)``,
+    once per buffer (tied weights share one buffer, and so one storage in the file; an empty tensor is
+    made each time, as it may sit at the offset where the next buffer starts)."""
+    made: dict[Any, torch.Tensor] = {}
+
+    def walk(obj: Any) -> Any:
+        if (ref := TensorRef.from_wire(obj)) is not None:
+            key: Any = ref if ref.nbytes else object()
+            if key not in made:
+                made[key] = make(ref)
+            return made[key]
+        if own is not None and isinstance(obj, torch.Tensor):
+            if id(obj) not in made:  # (the tree holds the tensor, so its id is not reused meanwhile)
+                made[id(obj)] = own(obj)
+            return made[id(obj)]
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            out = [walk(v) for v in obj]
+            return out if isinstance(obj, list) else tuple(out)
+        return obj
+
+    return walk(tree)
 
 
 class _Client:
@@ -341,31 +354,25 @@ class WriteFailed(Exception):
     """A checkpoint write that failed in the writer process; the message is that process's error."""
 
 
-class ProcessWriter:
-    """Writes checkpoints in the writer process, one at a time, in order (``AsyncWriter``'s interface).
+class ProcessWriter(AsyncWriter):
+    """Writes checkpoints in the writer process, one at a time, in order.
 
     ``submit`` is called on the trainer thread with a state copied into :class:`HostBuffers` from
-    :meth:`take_buffers`; a thread here turns it into a message, waits for the process's answer and
-    then calls ``on_done`` (which gives the buffers back with :meth:`recycle`). The process paces its
-    work (short bursts, see :class:`Pacer`) only while the trainer's intra-op team fills every core; a
-    writer in its own process takes no GIL from training, only a core. ``on_fallback(why)`` is called
-    once if saves have to be written on this process's thread instead (no process, or it ended).
+    :meth:`take_buffers`; the writer's thread (see :class:`AsyncWriter`) sends it to the process, waits
+    for the answer and then calls ``on_done`` (which gives the buffers back with :meth:`recycle`). The
+    process paces its work (short bursts, see :class:`Pacer`) only while the trainer's intra-op team
+    fills every core: in its own process the writer takes no GIL from training, only a core.
+    ``on_fallback(why)`` is called once if saves have to be written on the thread instead (no process,
+    or it ended); the pacer then paces that thread as in :class:`AsyncWriter`.
     """
 
     def __init__(self, on_error: Callable[[Path, BaseException], None], pacer: Pacer | None = None,
                  on_fallback: Callable[[str], None] | None = None) -> None:
-        self._queue: deque = deque()
-        self._cond = threading.Condition()
-        self._busy = 0  # submitted and not yet done
-        self._on_error, self._on_fallback = on_error, on_fallback
-        self._pacer = pacer  # paces the bookkeeping after a save, and the in-process fallback
-        if pacer is not None and pacer.behind is None:
-            pacer.behind = lambda: len(self._queue) > 0  # a newer save waits behind this one
-        self._pool: deque[HostBuffers] = deque()
+        super().__init__(on_error, pacer)
+        self._on_fallback = on_fallback
         self._client: _Client | None = None
         self._fell_back: str | None = unsupported()
         self._cpus = cpu_count()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the process now (it imports torch, ~1 s) rather than at the first save."""
@@ -406,43 +413,16 @@ class ProcessWriter:
             self._free(self._pool.pop())
 
     def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: HostBuffers) -> None:
-        """Called on the trainer thread; the message is pickled and sent by this writer's thread."""
-        pace = torch.get_num_threads() >= self._cpus  # the trainer's intra-op team fills every core
-        with self._cond:
-            self._queue.append((state, path, on_done, buffers, pace))
-            self._busy += 1
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="workbench-ckpt-sender", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue:
-                    if not self._cond.wait(30):
-                        if not self._queue:
-                            self._thread = None
-                            return
-                state, path, on_done, buffers, pace = self._queue.popleft()
-            try:
-                self._write(state, path, buffers, pace)
-                if self._pacer is not None:
-                    self._pacer.start()  # a rest before on_done's bookkeeping (run.db, retention) takes the GIL
-                on_done(path)
-            except BaseException as e:  # noqa: BLE001 - reported, the run goes on
-                self._on_error(path, e)
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._cond.notify_all()
+        pace = torch.get_num_threads() >= self._cpus  # read on the trainer thread: its intra-op team
+        self._enqueue((state, path, on_done, buffers, pace))
 
     def _write(self, state: dict, path: Path, buffers: HostBuffers, pace: bool) -> None:
         """Send the save to the process and wait for its answer; write here when it cannot (``state``:
         the host copy, with TensorRefs where its tensors were, see HostBuffers.leaf).
 
-        Pickling the message takes the GIL (~0.2 ms for a small model inside a running loop): the thread
-        first rests a few steps' time so that it does not land on the step that made the copy."""
+        Pickling the message takes the GIL (~0.2 ms for a small model inside a running loop), and so
+        does the bookkeeping in ``on_done`` (run.db, retention): the thread rests a few steps' time
+        before each, so that neither lands on the step that made the copy or on one another."""
         job = None
         if self._fell_back is None and buffers.complete:
             if self._client is None:
@@ -454,6 +434,8 @@ class ProcessWriter:
         if job is not None:
             job[0].wait()
             if job[1] is None:
+                if self._pacer is not None:
+                    self._pacer.start()
                 return
             if job[1] is not _LOST:
                 raise WriteFailed(job[1])
@@ -469,20 +451,9 @@ class ProcessWriter:
 
     def wait(self) -> None:
         """Block until every submitted checkpoint is written (at full speed: someone is waiting)."""
-        with self._cond:
-            if not self._busy:
-                return
-        if self._client is not None:
+        if self._client is not None and self._queue.unfinished_tasks:
             self._client.hurry()
-        if self._pacer is not None:
-            self._pacer.hurry(True)
-        try:
-            with self._cond:
-                while self._busy:
-                    self._cond.wait()
-        finally:
-            if self._pacer is not None:
-                self._pacer.hurry(False)
+        super().wait()
 
 
 # ----------------------------------------------------------------------------- the writer's side
@@ -502,22 +473,6 @@ def _tensor(ref: TensorRef, maps: dict[str, mmap.mmap]) -> torch.Tensor:
     # A storage of exactly these bytes (not the whole arena, which torch.save would write whole).
     raw = torch.frombuffer(mm, dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
     return raw.view(dtype).as_strided(ref.shape, ref.stride)
-
-
-def _rebuild(obj: Any, maps: dict[str, mmap.mmap], built: dict[TensorRef, torch.Tensor]) -> Any:
-    if (ref := TensorRef.from_wire(obj)) is not None:
-        if not ref.nbytes:
-            return _tensor(ref, maps)  # an empty one may sit at the offset where the next one starts
-        if ref not in built:  # tied weights share one buffer, and so one storage in the file
-            built[ref] = _tensor(ref, maps)
-        return built[ref]
-    if isinstance(obj, dict):
-        return {k: _rebuild(v, maps, built) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rebuild(v, maps, built) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_rebuild(v, maps, built) for v in obj)
-    return obj
 
 
 def _close_map(mm: mmap.mmap) -> None:
@@ -560,7 +515,7 @@ def main() -> None:
         if msg[0] == "save":
             _, job, path, skeleton, pace = msg
             try:
-                state = _rebuild(skeleton, maps, {})
+                state = _with_tensors(skeleton, lambda ref: _tensor(ref, maps))
                 atomic_save(state, path, pacer if pace else None)
                 error = None
             except BaseException as e:  # noqa: BLE001 - sent back; the parent reports it
