@@ -506,8 +506,13 @@ def main() -> None:
     threading.Thread(target=read, name="workbench-ckpt-inbox", daemon=True).start()
     pacer = Pacer(behind=lambda: not inbox.empty())  # any message waiting (a hurry, a newer save) ends pauses
     maps: dict[str, mmap.mmap] = {}
-    def answer(*msg: Any) -> None:
-        out.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def answer(*msg: Any) -> bool:
+        try:
+            out.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            return True
+        except OSError:  # the parent is gone
+            return False
 
     answer("ready", os.getpid())
     while True:
@@ -521,7 +526,8 @@ def main() -> None:
             except BaseException as e:  # noqa: BLE001 - sent back; the parent reports it
                 error = f"{type(e).__name__}: {e}"
             state = None
-            answer("done", job, error)
+            if not answer("done", job, error):
+                break
         elif msg[0] == "release":
             mm = maps.pop(msg[1], None)
             if mm is not None:
