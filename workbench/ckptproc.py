@@ -155,10 +155,7 @@ class Arena:
     def close(self) -> None:
         self.bytes = None
         if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a tensor still views it: the memory goes when that tensor does
-                pass
+            _close_map(self._map)
             self._map = None
         _unlink(self.path)
 
@@ -221,7 +218,8 @@ class HostBuffers(dict):
         return _with_tensors(tree, copy, lambda t: t.clone(memory_format=torch.preserve_format))
 
     def wasteful(self) -> bool:
-        """True when most of the arenas hold copies no longer used (the state's layout changed)."""
+        """True when most of the arenas hold copies no longer used (the state's layout changed). Drops
+        the refs of buffers the last copy no longer used, which it counts."""
         self.refs = {id(b): self.refs[id(b)] for b in self.values() if id(b) in self.refs}  # the buffers kept
         return sum(a.used for a in self.arenas) > 2 * sum(r.nbytes for _, r, _ in self.refs.values()) + MIN_ARENA
 
@@ -478,7 +476,7 @@ def _tensor(ref: TensorRef, maps: dict[str, mmap.mmap]) -> torch.Tensor:
 def _close_map(mm: mmap.mmap) -> None:
     try:
         mm.close()
-    except BufferError:
+    except BufferError:  # a tensor still views it: the memory goes when that tensor does
         pass
 
 

@@ -861,12 +861,15 @@ class Trainer:
     # ================================================================= checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The full training state: one dict with constant keys (see workbench.checkpoint)."""
-        return self._state_dict(self.cfg.to_dict())
+        return self._checkpoint(self.cfg.to_dict(), ck.library_versions(), self._component_states())
 
-    def _state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {"format_version": ck.FORMAT_VERSION, "versions": ck.library_versions(),
-                "config": config, "step": self.step_count, "epoch": self.epoch,
-                "state": {name: comp.state_dict() for name, comp in self._stateful.items()}}
+    def _component_states(self) -> dict[str, Any]:
+        return {name: comp.state_dict() for name, comp in self._stateful.items()}
+
+    def _checkpoint(self, config: dict[str, Any], versions: dict[str, str], states: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's layout (``workbench.checkpoint``) around the components' ``states``."""
+        return {"format_version": ck.FORMAT_VERSION, "versions": versions, "config": config,
+                "step": self.step_count, "epoch": self.epoch, "state": states}
 
     def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
         """Restore every registered component from a checkpoint dict."""
@@ -897,7 +900,7 @@ class Trainer:
         # states are walked and copied, one save's worth of Python at a step boundary.
         if self._config_dict[0] is not self.cfg:
             self._config_dict = (self.cfg, self.cfg.to_dict())
-        components = {name: comp.state_dict() for name, comp in self._stateful.items()}
+        components = self._component_states()
         if _nonfinite(components["model"]):
             self._log_event("checkpoint_skipped", source, {"reason": "the weights hold NaN/inf; a good "
                                                                      "checkpoint is never overwritten by them"})
@@ -906,8 +909,7 @@ class Trainer:
         # memory that is already mapped is ~10x faster than fresh allocations (bench/RESULTS.md). With
         # the writer process they lie in memory it maps too.
         buffers = self._writer.take_buffers()
-        state = {"format_version": ck.FORMAT_VERSION, "versions": self._versions, "config": self._config_dict[1],
-                 "step": self.step_count, "epoch": self.epoch, "state": _host_copy(components, buffers)}
+        state = self._checkpoint(self._config_dict[1], self._versions, _host_copy(components, buffers))
         path = self.checkpoint_dir / ck.checkpoint_name(self.step_count, tag)
         if metric is None and self.last_eval:
             metric = self.last_eval.get(self.cfg.monitor)
