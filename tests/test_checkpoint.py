@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,6 +250,42 @@ def test_save_checkpoint_on_demand_while_running(tmp_path):
     assert path.exists() and load_checkpoint(path)["step"] > 0
 
 
+def test_nan_weights_are_never_saved_and_layer_norms_vouch_only_for_parameters(tmp_path):
+    """A periodic save on a layer-statistics step skips checking the parameters whose norms that step
+    found finite, and nothing else: a NaN buffer, or NaN parameters, still stop the save."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 10))
+    tr = Trainer(cfg_for(tmp_path / "run", max_steps=None, checkpoint_every=5, layer_every=5, eval_every=0,
+                         on_divergence="ignore"), model=model)
+    ckdir = tr.run_dir / "checkpoints"
+
+    def five_steps() -> None:  # and wait for the save at their end (a step request resolves before it)
+        target = tr.step_count + 5
+        assert tr.step(5).wait(30).status == "applied"
+        deadline = time.monotonic() + 30
+        while not ((tr.events["step"] == target) & tr.events["kind"].str.startswith("checkpoint")).any():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    tr.start(paused=True)
+    five_steps()
+    with torch.no_grad():
+        model[1].running_var[0] = float("nan")  # a buffer: the training forward does not read it
+    five_steps()
+    with torch.no_grad():
+        model[1].running_var.fill_(1.0)
+        model[3].bias[0] = float("nan")  # a parameter: every later loss, grad and update is NaN
+    five_steps()
+    tr.stop().wait(30)
+    tr.join(30)
+    skipped = tr.events.query("kind == 'checkpoint_skipped'")["step"].tolist()
+    assert skipped == [10, 15, 15]  # the last: the save when the run stops
+    assert (ckdir / "step-00000005.pt").exists() and not list(ckdir.glob("step-0000001[05].pt"))
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(ckdir / "step-00000005.pt")["state"]["model"].values()
+               if t.is_floating_point())
+
+
 def test_fork_starts_from_parent_weights_with_new_controls(tmp_path):
     parent = _saved_run(tmp_path, steps=40, every=20)
     at20 = parent.run_dir / "checkpoints" / "step-00000020.pt"
@@ -336,6 +373,63 @@ def test_rng_state_of_earlier_checkpoints_still_loads():
     assert random.random() == expected
     rng.load_state_dict(state)
     assert random.random() == expected
+
+
+def test_rng_state_reads_numpy_again_exactly_when_its_generator_moved():
+    """The numpy part is re-read only when the generator's words or position changed, or a Gaussian was
+    cached; whatever the path, it equals np.random.get_state() and restores the same draws."""
+
+    def same(ours, theirs):
+        name, keys, pos, has_gauss, cached = theirs
+        return (ours[0] == name and np.array_equal(ours[1].numpy(), keys.astype(np.int64)) and ours[2] == pos
+                and ours[3] == has_gauss and ours[4] == cached)
+
+    np.random.seed(11)
+    rng = RNGState()
+    first = rng.state_dict()["numpy"]
+    again = rng.state_dict()["numpy"]
+    assert again[1] is first[1] and same(again, np.random.get_state())  # unmoved: the last read, no new copy
+    np.random.rand(3)
+    moved = rng.state_dict()["numpy"]
+    assert moved[1] is not first[1] and same(moved, np.random.get_state())
+    np.random.standard_normal()  # draws a pair and caches its second Gaussian
+    cached = rng.state_dict()["numpy"]
+    assert cached[3] == 1 and same(cached, np.random.get_state())
+    np.random.standard_normal()  # uses the cached one: the words and position do not move
+    used = rng.state_dict()["numpy"]
+    assert used[3] == 0 and same(used, np.random.get_state())
+    expected = np.random.rand(4)
+    rng.load_state_dict(rng_state := {**rng.state_dict(), "numpy": used})
+    assert np.array_equal(np.random.rand(4), expected) and rng_state["numpy"] is used
+    for _ in range(700):  # past a regeneration of all 624 words
+        np.random.randint(0, 10)
+    assert same(rng.state_dict()["numpy"], np.random.get_state())
+
+
+def test_rng_state_reads_python_again_exactly_when_its_generator_moved():
+    import random
+
+    random.seed(3)
+    rng = RNGState()
+    first = rng.state_dict()["python"]
+    again = rng.state_dict()["python"]
+    assert again[1] is first[1]  # unmoved: the last read's words, no new copy
+    random.random()
+    moved = rng.state_dict()["python"]
+    assert moved[1] is not first[1]
+    random.gauss()  # draws two numbers and keeps the second Gaussian in gauss_next
+    kept, kept_then = rng.state_dict()["python"], random.getstate()
+    random.gauss()  # uses gauss_next: the words do not move
+    used, used_then = rng.state_dict()["python"], random.getstate()
+    assert used[1] is kept[1] and kept[2] is not None and used[2] is None
+
+    def as_getstate(state):
+        return state[0], tuple(state[1].tolist()), state[2]
+
+    assert as_getstate(kept) == kept_then and as_getstate(used) == used_then
+    expected = [random.gauss() for _ in range(3)]
+    rng.load_state_dict({**rng.state_dict(), "python": used})
+    assert [random.gauss() for _ in range(3)] == expected
 
 
 def test_paced_writer_catches_up_when_a_newer_save_waits(tmp_path):

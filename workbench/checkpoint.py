@@ -12,6 +12,7 @@ Only tensors, numbers, strings, None, lists, tuples and dicts are stored, so ``t
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import pickle
@@ -63,26 +64,27 @@ def _library_versions() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- components
 class RNGState:
-    """Python, numpy, torch CPU and every CUDA device's RNG state, as plain data."""
+    """Python, numpy, torch CPU and every CUDA device's RNG state, as plain data.
+
+    Python's and numpy's global Mersenne Twisters are stored as one int64 tensor of their words each,
+    not a list of 625 ints: torch.save pickles (and calls back into Python for) every object, and those
+    lists were two thirds of a checkpoint's objects. Reading them is the costly part of this state
+    (~35 us for numpy's, which copies its words one Python-level item at a time; ~8 us to build
+    Python's 625-int tuple, several times that inside a running loop), and training seldom draws from
+    either, so each is read in full only when its words moved (see :class:`_GlobalGenerator`)."""
 
     def __init__(self) -> None:
-        self._python: tuple[tuple, torch.Tensor] | None = None  # (words, as a tensor) of the last call
+        inst = random.getstate.__self__  # the generator behind the random module's functions
+        self._python = _GlobalGenerator(
+            full=_python_state, words=_python_words, reuse=lambda last: [last[0], last[1], inst.gauss_next],
+            locate=lambda: _python_struct(inst))
+        self._numpy = _GlobalGenerator(
+            full=_numpy_state, words=_numpy_words, reuse=lambda last: list(last) if last[3] == 0 else None,
+            locate=_numpy_struct)
 
     def state_dict(self) -> dict[str, Any]:
-        version, internal, gauss = random.getstate()
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        # The Mersenne Twister's 625 words as one tensor, not a list of 625 ints: torch.save pickles
-        # (and calls back into Python for) every object, and this list was two thirds of them. Training
-        # rarely draws from Python's generator, so the words of the last call are usually still valid
-        # (the tensor is never written to: a save copies it).
-        if self._python is None or self._python[0] != internal:
-            self._python = (internal, torch.from_numpy(np.array(internal, dtype=np.int64)))
-        state = {"python": [version, self._python[1], gauss],
-                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-                 "torch": torch.get_rng_state(), "cuda": []}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = list(torch.cuda.get_rng_state_all())
-        return state
+        return {"python": self._python.read(), "numpy": self._numpy.read(), "torch": torch.get_rng_state(),
+                "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else []}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         version, internal, gauss = state["python"]
@@ -93,6 +95,85 @@ class RNGState:
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+class _GlobalGenerator:
+    """A global generator's state, read in full only when the bytes of its C state moved.
+
+    A Mersenne Twister keeps its 624 words and its position in one C struct. Copying those 2,500 bytes
+    takes well under a microsecond; when they equal the bytes copied just before the last full read,
+    no number has been drawn since, and ``reuse(last)`` gives the state from the last read (None: read
+    it in full anyway). Where the struct lies comes from ``locate()`` (address, size), and is trusted
+    only once its bytes have matched ``words(state)`` of a full read; otherwise every read is full.
+
+    Python: the words and index of ``random``'s generator follow the object header (CPython's
+    ``RandomObject``); ``gauss_next`` is an attribute, read each time. numpy: the legacy generator's
+    struct is published as ``bit_generator.ctypes.state_address``; its cached Gaussian is not, so a
+    state that holds one (``has_gauss``) is always read in full. A draw always moves the words or the
+    position and is the only way to cache a Gaussian, so a reused state is the state now. The one case
+    this cannot see: user code that keeps a numpy state holding a cached Gaussian, uses that Gaussian,
+    and after a later step restores the kept state (same words and position, a Gaussian again)."""
+
+    def __init__(self, *, full: Callable[[], list], words: Callable[[list], bytes],
+                 reuse: Callable[[list], list | None], locate: Callable[[], tuple[int, int] | None]) -> None:
+        self._full, self._words, self._reuse, self._locate = full, words, reuse, locate
+        self._view: ctypes.Array | None = None
+        self._checked = False
+        self._last: tuple[bytes, list] | None = None
+
+    def read(self) -> list:
+        view, checking = self._view, not self._checked
+        if checking:
+            self._checked = True
+            where = self._locate()
+            view = (ctypes.c_char * where[1]).from_address(where[0]) if where else None
+        raw = bytes(view) if view is not None else None  # before the full read: a draw in between
+        last = self._last                                # leaves stale bytes, which fail the next compare
+        if last is not None and raw == last[0]:
+            state = self._reuse(last[1])
+            if state is not None:
+                return state
+        state = self._full()
+        if checking and raw is not None and raw == self._words(state):
+            self._view = view
+        self._last = (raw, state) if self._view is not None else None
+        return list(state)
+
+
+def _python_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, torch.from_numpy(np.array(internal, dtype=np.int64)), gauss]  # 624 words, then the index
+
+
+def _python_words(state: list) -> bytes:
+    words = state[1].numpy()
+    return words[-1:].astype(np.int32).tobytes() + words[:-1].astype(np.uint32).tobytes()  # int index; uint32 state[624]
+
+
+def _python_struct(inst: random.Random) -> tuple[int, int] | None:
+    size = 4 + 624 * 4
+    if sys.implementation.name != "cpython" or type(inst).__basicsize__ < object.__basicsize__ + size:
+        return None
+    return id(inst) + object.__basicsize__, size
+
+
+def _numpy_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_words(state: list) -> bytes:
+    return state[1].numpy().astype(np.uint32).tobytes() + np.int32(state[2]).tobytes()  # uint32 key[624]; int pos
+
+
+def _numpy_struct() -> tuple[int, int] | None:
+    try:
+        bit_generator = np.random.mtrand._rand._bit_generator
+        if type(bit_generator).__name__ != "MT19937":
+            return None
+        return int(bit_generator.ctypes.state_address), 624 * 4 + 4
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def to_cpu(obj: Any) -> Any:

@@ -670,7 +670,7 @@ class Trainer:
                                             or (not cfg.eval_every and epoch_end)):
             finish, heavy = self._evaluate(), True
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            self._save_checkpoint(tag=None, reason="periodic", source="trainer")
+            self._save_checkpoint(tag=None, reason="periodic", source="trainer", checked=self._finite_params())
             heavy = True
         # Detectors read host values: run them when the pending read-back is empty (every step on CPU,
         # every ``sync_every`` steps on CUDA), so diagnosis adds no host-device sync of its own. A boundary
@@ -888,11 +888,22 @@ class Trainer:
         self.step_count = int(ckpt["step"])
         self._scaler.use(self.controls.precision)
 
+    def _finite_params(self) -> set[tuple]:
+        """The parameters that the step just taken found finite: its layer statistics measured every
+        parameter's norm after the update, and a finite norm means finite elements. As (pointer,
+        shape, stride); empty unless this step took layer statistics and all were finite. Only valid
+        right after the step (``_after_step``): a request at the boundary may load other weights."""
+        layers = self._latest_layers
+        if layers is None or layers["step"] != self.step_count or not np.isfinite(layers["param_norm"]).all():
+            return set()
+        return {(p.data_ptr(), p.shape, p.stride()) for p in self._params}
+
     def _save_checkpoint(self, *, tag: str | None, reason: str, source: str,
-                         metric: float | None = None) -> Path | None:
+                         metric: float | None = None, checked: set[tuple] = frozenset()) -> Path | None:
         """Copy the state to host memory here; write it on the writer thread (atomic rename).
 
         Returns None (and logs why) when the weights are not finite: such a state is never saved.
+        ``checked``: model tensors (pointer, shape, stride) known finite now (``_finite_params``).
         """
         self._flush_pending()
         # The config is fixed for the run (a change makes a new TrainConfig): its dict is built once and
@@ -901,7 +912,7 @@ class Trainer:
         if self._config_dict[0] is not self.cfg:
             self._config_dict = (self.cfg, self.cfg.to_dict())
         components = self._component_states()
-        if _nonfinite(components["model"]):
+        if _nonfinite(components["model"], checked):
             self._log_event("checkpoint_skipped", source, {"reason": "the weights hold NaN/inf; a good "
                                                                      "checkpoint is never overwritten by them"})
             return None
@@ -1262,18 +1273,20 @@ def _stop_at_exit(timeout: float = 60.0) -> None:
         t._thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def _nonfinite(model_state: Mapping[str, Any]) -> bool:
+def _nonfinite(model_state: Mapping[str, Any], checked: set[tuple] | frozenset = frozenset()) -> bool:
     """``ck.has_nonfinite`` for a model state dict, with a fast first pass: one fused norm per tensor.
 
     NaN/inf anywhere makes a norm NaN/inf; only then (or when a huge finite tensor overflows its norm)
     is the exact element-wise check run, so the answer is always the exact one. The fused pass is
-    cheaper than the per-tensor check at every size (21 vs 59 us for the tiny MLP's six tensors)."""
-    ts = [t for t in model_state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    cheaper than the per-tensor check at every size (21 vs 59 us for the tiny MLP's six tensors).
+    Tensors in ``checked`` (pointer, shape, stride: known finite, ``Trainer._finite_params``) are skipped."""
+    ts = [t for t in model_state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()
+          and not (checked and (t.data_ptr(), t.shape, t.stride()) in checked)]
     if not ts:
         return False
     if bool(torch.stack(torch._foreach_norm(ts)).isfinite().all()):  # stack promotes mixed dtypes
         return False
-    return ck.has_nonfinite(model_state)
+    return ck.has_nonfinite(ts)
 
 
 def _host_copy(obj: Any, buffers: dict) -> Any:
@@ -1287,19 +1300,57 @@ def _host_copy(obj: Any, buffers: dict) -> Any:
     weights) share one buffer, as torch.save would store them. New buffers come from ``buffers.alloc(t)``
     when it has one (``ckptproc.HostBuffers``: memory the writer process maps), else ``torch.empty_like``;
     with ``buffers.leaf`` the copy holds ``leaf(buffer)`` in each tensor's place (where the buffer lies:
-    the message the writer process gets, built in the same walk)."""
+    the message the writer process gets, built in the same walk).
+
+    This runs on the trainer thread between two steps, so it is written for few bytecodes per node:
+    plain values (most of a state's leaves) are kept without a call, and the walk is one closure."""
     used: dict = {}
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    off_host: list[tuple[torch.Tensor, torch.Tensor]] = []
     alloc, leaf = getattr(buffers, "alloc", _empty_host), getattr(buffers, "leaf", None)
-    out = _host_tree(obj, buffers, used, pairs, alloc, leaf)
+    plain, tensor_type = _PLAIN, torch.Tensor
+
+    def tensor(t: torch.Tensor) -> Any:
+        if t.requires_grad:
+            t = t.detach()
+        try:
+            key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+        except RuntimeError:  # no plain memory (sparse, ...): a buffer of its own each time
+            key = (id(t), t.shape, t.dtype, t.device)
+        buf = used.get(key)
+        if buf is None:
+            buf = buffers.pop(key, None)
+            if buf is None and len(key) == 5:
+                buf = _same_layout(buffers, key)
+            if buf is None:
+                buf = alloc(t)
+            used[key] = buf
+            if t.is_cpu:
+                dsts.append(buf)
+                srcs.append(t)
+            else:
+                off_host.append((buf, t))
+        return buf if leaf is None else leaf(buf)
+
+    def walk(o: Any) -> Any:
+        kind = type(o)
+        if kind is dict or (kind is not list and kind is not tuple and isinstance(o, dict)):
+            return {k: v if type(v) in plain else walk(v) for k, v in o.items()}
+        if kind is list or kind is tuple or isinstance(o, (list, tuple)):
+            out = [v if type(v) in plain else walk(v) for v in o]
+            return out if isinstance(o, list) else tuple(out)
+        if isinstance(o, tensor_type):
+            return tensor(o)
+        return o
+
+    out = walk(obj)
     buffers.clear()
     buffers.update(used)
-    on_cpu = [(d, s) for d, s in pairs if s.device.type == "cpu"]
-    if on_cpu:
-        torch._foreach_copy_([d for d, _ in on_cpu], [s for _, s in on_cpu])
-    for dst, src in pairs:
-        if src.device.type != "cpu":
-            dst.copy_(src)
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
+    for dst, src in off_host:
+        dst.copy_(src)
     return out
 
 
@@ -1307,34 +1358,7 @@ def _empty_host(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, device="cpu")  # the layout .to("cpu", copy=True) gives
 
 
-def _host_tree(obj: Any, old: dict, used: dict, pairs: list, alloc: Callable[[torch.Tensor], torch.Tensor],
-               leaf: Callable[[torch.Tensor], Any] | None) -> Any:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach() if obj.requires_grad else obj
-        try:
-            key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-        except RuntimeError:  # no plain memory (sparse, ...): a buffer of its own each time
-            key = (id(t), t.shape, t.dtype, t.device)
-        buf = used.get(key)
-        if buf is None:
-            buf = old.pop(key, None)
-            if buf is None and len(key) == 5:
-                buf = _same_layout(old, key)
-            if buf is None:
-                buf = alloc(t)
-            used[key] = buf
-            pairs.append((buf, t))
-        return buf if leaf is None else leaf(buf)
-    if isinstance(obj, dict):
-        return {k: _host_tree(v, old, used, pairs, alloc, leaf) if isinstance(v, _NODES) else v
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        out = [_host_tree(v, old, used, pairs, alloc, leaf) if isinstance(v, _NODES) else v for v in obj]
-        return out if isinstance(obj, list) else tuple(out)
-    return obj
-
-
-_NODES = (torch.Tensor, dict, list, tuple)
+_PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})  # leaves kept as they are
 
 
 def _same_layout(old: dict, key: tuple) -> torch.Tensor | None:
