@@ -150,3 +150,38 @@ def test_resume_from_a_process_written_checkpoint_matches_a_thread_written_one(t
 def test_checkpoint_writer_setting_is_checked():
     with pytest.raises(ValueError, match=r"checkpoint_writer.*auto, process, thread"):
         Trainer(dataset="digits", model="mlp", max_steps=1, checkpoint_writer="fork")
+
+
+@pytest.mark.skipif(len(ckptproc._allowed_cpus()) < 2 or not os.path.exists("/proc/self/task"),
+                    reason="needs Linux and two allowed CPUs")
+def test_the_write_keeps_off_the_cpu_of_the_trainer_thread():
+    """The writer process runs a save on a CPU other than the one the trainer thread last ran on, and on
+    any allowed CPU when the trainer's team fills them all (no trainer thread named)."""
+    cpus = ckptproc._allowed_cpus()
+    trainer_cpu = min(cpus)
+    pinned, done = threading.Event(), threading.Event()
+    seen: list[set[int]] = []
+
+    def trainer() -> None:  # stands for the trainer thread: it runs on one CPU
+        os.sched_setaffinity(0, {trainer_cpu})
+        pinned.set()
+        done.wait(30)
+
+    def writer(tid: int) -> None:  # stands for the process's writing thread
+        ckptproc._keep_off(os.getpid(), tid, cpus)
+        seen.append(os.sched_getaffinity(0))
+        ckptproc._keep_off(os.getpid(), None, cpus)
+        seen.append(os.sched_getaffinity(0))
+
+    t = threading.Thread(target=trainer)
+    t.start()
+    try:
+        assert pinned.wait(30)
+        time.sleep(0.05)  # it has been scheduled on its CPU since
+        w = threading.Thread(target=writer, args=(t.native_id,))
+        w.start()
+        w.join(30)
+    finally:
+        done.set()
+        t.join(30)
+    assert seen == [cpus - {trainer_cpu}, cpus]

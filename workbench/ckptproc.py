@@ -311,17 +311,18 @@ class _Client:
         except (OSError, ValueError):
             return False
 
-    def save(self, path: Path, skeleton: Any, pace: bool) -> list | None:
+    def save(self, path: Path, skeleton: Any, pace: bool, trainer: int | None = None) -> list | None:
         """Send one checkpoint to the process; returns at once with the job, ``[event, answer]``: once
         the event is set, the answer is None (written), the error's text, or ``_LOST`` (the process
-        ended first). None when the message could not be sent (the process has ended)."""
+        ended first). None when the message could not be sent (the process has ended). ``pace``: the
+        trainer's team fills every core; ``trainer``: its thread's native id (see :func:`_keep_off`)."""
         job = [threading.Event(), _LOST]
         with self._lock:
             if self.ended:
                 return None
             n = next(self._ids)
             self._jobs[n] = job
-        if not self._send(("save", n, str(path), skeleton, pace)):
+        if not self._send(("save", n, str(path), skeleton, pace, trainer)):
             with self._lock:
                 self._jobs.pop(n, None)
             return None
@@ -411,10 +412,11 @@ class ProcessWriter(AsyncWriter):
             self._free(self._pool.pop())
 
     def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: HostBuffers) -> None:
-        pace = torch.get_num_threads() >= self._cpus  # read on the trainer thread: its intra-op team
-        self._enqueue((state, path, on_done, buffers, pace))
+        # read on the trainer thread: its intra-op team, and which thread it is
+        self._enqueue((state, path, on_done, buffers, (torch.get_num_threads() >= self._cpus,
+                                                       threading.get_native_id())))
 
-    def _write(self, state: dict, path: Path, buffers: HostBuffers, pace: bool) -> None:
+    def _write(self, state: dict, path: Path, buffers: HostBuffers, extra: tuple[bool, int]) -> None:
         """Send the save to the process and wait for its answer; write here when it cannot (``state``:
         the host copy, with TensorRefs where its tensors were, see HostBuffers.leaf).
 
@@ -428,7 +430,7 @@ class ProcessWriter(AsyncWriter):
             if self._client is not None:
                 if self._pacer is not None:
                     self._pacer.start()
-                job = self._client.save(path, state, pace)
+                job = self._client.save(path, state, *extra)
         if job is not None:
             job[0].wait()
             if job[1] is None:
@@ -473,6 +475,40 @@ def _tensor(ref: TensorRef, maps: dict[str, mmap.mmap]) -> torch.Tensor:
     return raw.view(dtype).as_strided(ref.shape, ref.stride)
 
 
+def _allowed_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return set()
+
+
+def _keep_off(pid: int, trainer: int | None, cpus: set[int]) -> None:
+    """Run the calling thread (the write of a save) on a CPU other than the one the trainer thread
+    (native id ``trainer`` in process ``pid``, the parent) is running on; None: on any of ``cpus`` (the trainer's team fills every core, so there is
+    no spare one; the process paces itself instead).
+
+    Why: the kernel often wakes this process on the CPU of the thread that woke it, and a small
+    model's trainer thread then lost ~2-3 ms (4-5 steps) to the write in about one save in eight, while
+    the other core sat idle (bench/RESULTS.md, section 4). Pinned off that CPU, the write runs beside
+    training instead. The trainer thread itself is never pinned; it may move, and the next save
+    follows it."""
+    if len(cpus) < 2:
+        return
+    target = cpus
+    if trainer is not None:
+        try:
+            with open(f"/proc/{pid}/task/{trainer}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            target = cpus - {int(fields[36])}  # field 39, "processor": the CPU it last ran on
+        except (OSError, IndexError, ValueError):
+            target = cpus
+    try:
+        if target and target != os.sched_getaffinity(0):
+            os.sched_setaffinity(0, target)
+    except OSError:
+        pass
+
+
 def _close_map(mm: mmap.mmap) -> None:
     try:
         mm.close()
@@ -503,6 +539,7 @@ def main() -> None:
 
     threading.Thread(target=read, name="workbench-ckpt-inbox", daemon=True).start()
     pacer = Pacer(behind=lambda: not inbox.empty())  # any message waiting (a hurry, a newer save) ends pauses
+    cpus = _allowed_cpus()
     maps: dict[str, mmap.mmap] = {}
 
     def answer(*msg: Any) -> bool:
@@ -516,7 +553,8 @@ def main() -> None:
     while True:
         msg = inbox.get()
         if msg[0] == "save":
-            _, job, path, skeleton, pace = msg
+            _, job, path, skeleton, pace, trainer = msg
+            _keep_off(os.getppid(), None if pace else trainer, cpus)
             try:
                 state = _with_tensors(skeleton, lambda ref: _tensor(ref, maps))
                 atomic_save(state, path, pacer if pace else None)
