@@ -1,7 +1,7 @@
 """Checkpoint stall: the longest step while a checkpoint is being saved, over the median step.
 
     .venv/bin/python bench/checkpoint_stall.py [--quick] [--saves N] [--every K] [--models tiny,medium]
-                                               [--writer auto|process|thread]
+                                               [--writer auto|process|thread] [--breakdown]
 
 Two Trainers with the same model, data and seed (default instrumentation, digits, Adam) run side by
 side, interleaved in chunks (A B A B ...): A saves a checkpoint every K steps, B never does (the control).
@@ -110,7 +110,10 @@ def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
         return statistics.median(xs) if xs else float("nan")  # (quick mode: chunks shorter than 7 steps)
     after = {k: (med([by_step_a[s + k] for s in saved if s + k in by_step_a]) / med_a,
                  med([by_step_b[s + k] for s in saved if s + k in by_step_b]) / med_b) for k in range(1, 7)}
-    return {"after": after, "median_ms": med_a * 1e3, "control_median_ms": med_b * 1e3, "saves": len(windows),
+    # How often a step at s+k is a stall (over 3x the median step), per side: where a rare stall comes from.
+    over = {k: (sum(by_step_a.get(s + k, 0.0) > 3 * med_a for s in saved),
+                sum(by_step_b.get(s + k, 0.0) > 3 * med_b for s in saved)) for k in range(1, 9)}
+    return {"after": after, "over": over, "median_ms": med_a * 1e3, "control_median_ms": med_b * 1e3, "saves": len(windows),
             "ratio": max(worst_a) / med_a, "typical": statistics.median(worst_a) / med_a,
             "control_ratio": np.nanmax(worst_b) / med_b, "control_typical": float(np.nanmedian(worst_b)) / med_b,
             "copy_ms": float(np.median(dt_a[copy])) * 1e3, "lost_ms": statistics.median(lost) * 1e3,
@@ -149,6 +152,79 @@ def copy_part(name: str, reps: int) -> dict:
     return {"old_ms": statistics.median(old) * 1e3, "new_ms": statistics.median(new) * 1e3}
 
 
+def breakdown(name: str, saves: int, every: int) -> tuple[list[list], float, float]:
+    """Where a save's time on the trainer thread goes, measured inside the running loop (a part costs
+    there two to three times what it costs called again and again alone: after ``every`` steps of
+    training its code and data are out of the caches). Each part is timed only while a periodic save
+    runs; figures are medians over saves. Returns (rows, median save ms, median step ms)."""
+    import workbench.trainer as T
+
+    tr = _trainer(name, every)
+    times: dict[str, list[float]] = {}
+    in_save = [False]
+    undo: list[tuple[object, str, object]] = []
+
+    def timed(owner: object, attr: str, label: str, always: bool = False) -> None:
+        fn = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            if not (in_save[0] or always):
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times.setdefault(label, []).append(time.perf_counter() - t0)
+
+        own = vars(owner)  # a class, a module, or an instance whose method comes from its class
+        undo.append((owner, attr, attr in own, own.get(attr)))
+        setattr(owner, attr, wrapper)
+
+    save = T.Trainer._save_checkpoint
+
+    def saving(self, **kwargs):
+        in_save[0] = True
+        t0 = time.perf_counter()
+        try:
+            return save(self, **kwargs)
+        finally:
+            times.setdefault("whole save", []).append(time.perf_counter() - t0)
+            in_save[0] = False
+
+    parts = [(T.Trainer, "_flush_pending", "flush of queued step rows"),
+             (T.Trainer, "_component_states", "state dicts, all components"),
+             *[(comp, "state_dict", f"  state dict: {n}") for n, comp in tr._stateful.items()],
+             (T, "_nonfinite", "NaN/inf check of the weights"),
+             (T, "_host_copy", "host copy + message (walk, fused copy)"),
+             (type(tr._writer), "submit", "hand-off to the writer")]
+    T.Trainer._save_checkpoint = saving
+    try:
+        for owner, attr, label in parts:
+            timed(owner, attr, label)
+        if tr._writer.mode == "process":
+            from workbench.ckptproc import client
+            client().ready.wait(60)
+        tr.start(paused=True)
+        run_trainer_chunk(tr, every // 2)
+        for _ in range(saves + 1):
+            time.sleep(0.1)
+            run_trainer_chunk(tr, every)
+        tr.stop().wait(120)
+        tr.join()
+    finally:
+        T.Trainer._save_checkpoint = save
+        for owner, attr, had, original in reversed(undo):
+            if had:
+                setattr(owner, attr, original)
+            else:
+                delattr(owner, attr)  # its class's method shows through again
+    step = float(np.median(np.diff(tr.history["time"].to_numpy())[every:])) * 1e3
+    order = ["whole save"] + [label for _, _, label in parts]
+    rows = [[label, statistics.median(times[label][1:] or times[label]) * 1e3, len(times[label])]
+            for label in order if label in times]
+    return rows, rows[0][1], step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -159,11 +235,23 @@ def main() -> None:
                     help="checkpoint_writer of the saving side: auto (the writer process where it can run), process, "
                          "thread, or several, comma-separated (e.g. process,thread: one saving side each, all "
                          "interleaved with the one control)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="instead: time each part of a save on the trainer thread inside the running loop")
     a = ap.parse_args()
     print(f"# bench/checkpoint_stall.py  {env_line()}")
     notebook_warmup()
     every = a.every or (10 if a.quick else 50)
-    rows, finals, after_rows = [], [], []
+    if a.breakdown:
+        finals = []
+        for name in a.models.split(","):
+            rows, whole, step = breakdown(name, a.saves or (2 if a.quick else 40), every)
+            print(f"\n{name}: the parts of a periodic save on the trainer thread, in the running loop "
+                  f"(median over saves; the first save dropped); median step {step:.3f} ms")
+            print(table(rows, ["part", "ms (median)", "calls"]))
+            finals.append(f"{name} {whole / step:.2f} ({whole:.3f} ms / {step:.3f} ms)")
+        print("\nratio save on the trainer thread / median step: " + ", ".join(finals))
+        return
+    rows, finals, after_rows, over_rows = [], [], [], []
     writers = tuple(w.strip() for w in a.writer.split(","))
     for name in a.models.split(","):
         saves = a.saves or (2 if a.quick else (60 if name == "tiny" else 16))
@@ -173,6 +261,7 @@ def main() -> None:
                          r["control_ratio"], r["control_typical"], r["outside_ms"], r["saves"], r["steps_per_save"],
                          r["window_ms"], r["size_mb"]])
             after_rows.append([label] + [f"{x:.2f} / {y:.2f}" for x, y in r["after"].values()])
+            over_rows.append([label] + [f"{x} / {y}" for x, y in r["over"].values()])
             finals.append(f"{label} {r['ratio']:.2f} (median save {r['typical']:.2f}; control without saves "
                           f"{r['control_ratio']:.2f} / {r['control_typical']:.2f})")
     print(f"\ncheckpoint_every={every}, checkpoint_writer={a.writer}; A saves, B (control) does not; "
@@ -184,6 +273,8 @@ def main() -> None:
     print("\nthe steps after a save's step s, median over saves, / median step: saving side / control at the "
           "same steps (s+1 holds the copy; a diagnosis tick due at s waits until s+1 is done)")
     print(table(after_rows, ["model"] + [f"s+{k}" for k in range(1, 7)]))
+    print("\nhow many saves had a step over 3x the median step at s+k: saving side / control at the same steps")
+    print(table(over_rows, ["model"] + [f"s+{k}" for k in range(1, 9)]))
     copy_rows = []
     for name in a.models.split(","):
         c = copy_part(name, 5 if a.quick else 40)

@@ -8,14 +8,15 @@ import pytest
 
 from conftest import PYTHON, ROOT
 
-SCRIPTS = ["overhead.py", "instrumentation.py", "precision.py", "checkpoint_stall.py", "refresh.py",
-           "control_latency.py"]
+SCRIPTS = ["overhead.py", "instrumentation.py", "precision.py", "checkpoint_stall.py", "checkpoint_stall.py --breakdown",
+           "refresh.py", "control_latency.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_script_runs_quick(script, tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # the benches' run directories go under tmp_path
-    proc = subprocess.run([PYTHON, str(ROOT / "bench" / script), "--quick"], cwd=tmp_path, env=env,
+    name, *args = script.split()
+    proc = subprocess.run([PYTHON, str(ROOT / "bench" / name), "--quick", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
