@@ -110,10 +110,11 @@ def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
         return statistics.median(xs) if xs else float("nan")  # (quick mode: chunks shorter than 7 steps)
     after = {k: (med([by_step_a[s + k] for s in saved if s + k in by_step_a]) / med_a,
                  med([by_step_b[s + k] for s in saved if s + k in by_step_b]) / med_b) for k in range(1, 7)}
-    # How often a step at s+k is a stall (over 3x the median step), per side: where a rare stall comes from.
+    # How often a step at s+k is a stall (over 3x the median step), per side: where rare stalls come from.
     over = {k: (sum(by_step_a.get(s + k, 0.0) > 3 * med_a for s in saved),
                 sum(by_step_b.get(s + k, 0.0) > 3 * med_b for s in saved)) for k in range(1, 9)}
-    return {"after": after, "over": over, "median_ms": med_a * 1e3, "control_median_ms": med_b * 1e3, "saves": len(windows),
+    return {"after": after, "over": over, "median_ms": med_a * 1e3, "control_median_ms": med_b * 1e3,
+            "saves": len(windows),
             "ratio": max(worst_a) / med_a, "typical": statistics.median(worst_a) / med_a,
             "control_ratio": np.nanmax(worst_b) / med_b, "control_typical": float(np.nanmedian(worst_b)) / med_b,
             "copy_ms": float(np.median(dt_a[copy])) * 1e3, "lost_ms": statistics.median(lost) * 1e3,

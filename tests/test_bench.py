@@ -8,8 +8,8 @@ import pytest
 
 from conftest import PYTHON, ROOT
 
-SCRIPTS = ["overhead.py", "instrumentation.py", "precision.py", "checkpoint_stall.py", "checkpoint_stall.py --breakdown",
-           "refresh.py", "control_latency.py"]
+SCRIPTS = ["overhead.py", "instrumentation.py", "precision.py", "checkpoint_stall.py",
+           "checkpoint_stall.py --breakdown", "refresh.py", "control_latency.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -147,7 +147,8 @@ def _python_state() -> list:
 
 def _python_words(state: list) -> bytes:
     words = state[1].numpy()
-    return words[-1:].astype(np.int32).tobytes() + words[:-1].astype(np.uint32).tobytes()  # int index; uint32 state[624]
+    # CPython's RandomObject: int index; uint32_t state[624]
+    return words[-1:].astype(np.int32).tobytes() + words[:-1].astype(np.uint32).tobytes()
 
 
 def _python_struct(inst: random.Random) -> tuple[int, int] | None:

@@ -484,8 +484,9 @@ def _allowed_cpus() -> set[int]:
 
 def _keep_off(pid: int, trainer: int | None, cpus: set[int]) -> None:
     """Run the calling thread (the write of a save) on a CPU other than the one the trainer thread
-    (native id ``trainer`` in process ``pid``, the parent) is running on; None: on any of ``cpus`` (the trainer's team fills every core, so there is
-    no spare one; the process paces itself instead).
+    (native id ``trainer`` in process ``pid``, the parent) is running on; ``trainer`` None: on any of
+    ``cpus`` (the trainer's team fills every core, so there is no spare one; the process paces itself
+    instead).
 
     Why: the kernel often wakes this process on the CPU of the thread that woke it, and a small
     model's trainer thread then lost ~2-3 ms (4-5 steps) to the write in about one save in eight, while
