@@ -61,7 +61,7 @@ def test_html_export_shows_the_static_fallback(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(
-        "import torch\nfrom workbench import Trainer\ntorch.set_num_threads(1)\n"
+        "from workbench import Trainer\n"
         "tr = Trainer(dataset='moons', model='logreg', max_steps=60, max_epochs=None, eval_every=20, seed=0,\n"
         "             runs_root='runs', tensorboard=False)\n"
         "tr.run()\np = tr.panel()\np")]
