@@ -286,6 +286,35 @@ def test_nan_weights_are_never_saved_and_layer_norms_vouch_only_for_parameters(t
                if t.is_floating_point())
 
 
+def test_continue_from_a_checkpoint_keeps_the_runs_own_objects_and_waits_for_the_run_to_end(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    tr = Trainer(dict(max_steps=None, max_epochs=None, batch_size=32, eval_every=0, seed=1, checkpoint_every=10,
+                      layer_every=5, run_dir=str(tmp_path / "run"), tensorboard=False),
+                 model=model, train_data=TensorDataset(x, y), loss_fn=torch.nn.CrossEntropyLoss())
+    tr.start(paused=True)
+    assert tr.step(20).wait(30).status == "applied"
+    at10 = tr.run_dir / "checkpoints" / "step-00000010.pt"
+    with pytest.raises(RuntimeError, match="stop it first"):
+        tr.continue_from(at10)
+    tr.stop().wait(30)
+    tr.join(30)
+    new = tr.continue_from(at10)
+    assert new.run_dir == tr.run_dir and new.step_count == 10 and new.model is model
+    assert new.train_data is tr.train_data and new.loss_fn is tr.loss_fn
+    assert torch.equal(model[0].weight, load_checkpoint(at10)["state"]["model"]["0.weight"])
+    # the polling reads the views use: the same rows as the DataFrames, without building them
+    events = new.events
+    assert new.event_count == len(events) and len(new.event_list(2)) == len(events) - 2
+    assert [e["kind"] for e in new.event_list(2)] == events["kind"].tolist()[2:]
+    cols = tr.layer_columns()
+    assert tr.layer_count == len(cols["step"]) == len(tr.layer_history) > 0
+    assert [tr.layer_names[int(i)] for i in cols["layer"]] == tr.layer_history["layer"].tolist()
+
+
 def test_fork_starts_from_parent_weights_with_new_controls(tmp_path):
     parent = _saved_run(tmp_path, steps=40, every=20)
     at20 = parent.run_dir / "checkpoints" / "step-00000020.pt"

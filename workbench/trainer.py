@@ -26,7 +26,7 @@ import warnings
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -484,11 +484,39 @@ class Trainer:
         return df
 
     @property
+    def layer_names(self) -> list[str]:
+        """The trained parameter tensors' names, in model order (``layer_columns``' layer index)."""
+        return list(self._param_names)
+
+    @property
+    def layer_count(self) -> int:
+        """How many per-layer rows have been recorded so far (one per parameter tensor every ``layer_every``
+        steps); a poller re-reads ``layer_columns`` only when this moved."""
+        return self._layer_store.appended
+
+    def layer_columns(self, columns: Sequence[str] = LAYER_COLUMNS) -> dict[str, np.ndarray]:
+        """The rows of ``layer_history`` as numeric arrays (``layer``: an index into ``layer_names``), without
+        the DataFrame and the names: cheap enough to poll. Long runs are thinned as in ``layer_history``."""
+        store = self._layer_store
+        return store.tail(len(store), columns)
+
+    @property
     def events(self) -> pd.DataFrame:
         """The event log: time, step, kind, source, data (changes, status, checkpoints, alerts, errors)."""
         with self._events_lock:
             rows = list(self._events)
         return pd.DataFrame(rows, columns=["time", "step", "kind", "source", "data"])
+
+    @property
+    def event_count(self) -> int:
+        """How many entries the event log holds; a poller re-reads ``event_list`` only when this moved."""
+        return len(self._events)
+
+    def event_list(self, start: int = 0) -> list[dict[str, Any]]:
+        """The event log from entry ``start`` on, as dicts (the rows of ``events``, without building a
+        DataFrame: cheap to poll). Entries are never changed once logged; do not change them either."""
+        with self._events_lock:
+            return self._events[start:]
 
     @property
     def checkpoints(self) -> pd.DataFrame:
@@ -1041,14 +1069,27 @@ class Trainer:
             checkpoint = table.sort_values(["step", "time"]).iloc[-1]["path"]
         if run_dir is None:
             run_dir = new_run_dir(self.cfg.runs_root, f"{self.run_dir.name}-fork")
-        model = None if self._own_model else copy.deepcopy(self.model)
-        child = Trainer.from_checkpoint(checkpoint, run_dir=run_dir, model=model,
-                                        train_data=None if self._own_model else self.train_data,
-                                        val_data=None if self._own_model else self.val_data,
-                                        loss_fn=None if self._own_model else self.loss_fn, task=self.task)
+        child = Trainer.from_checkpoint(checkpoint, run_dir=run_dir, **self._own_objects(copy_model=True))
         if controls:
             child.set(source=source, **controls)
         return child
+
+    def continue_from(self, checkpoint: str | os.PathLike) -> "Trainer":
+        """A new Trainer that continues this run, in its own directory, from one of its checkpoints (the
+        rows after it are dropped), with the model, data and loss this run was given; returned not yet
+        started. Only once this run has ended: two trainers never write one directory."""
+        if self.is_alive:
+            raise RuntimeError("continue_from: the run is still going; stop it first (it continues in the same "
+                               "run directory, so only one trainer may write there)")
+        return Trainer.from_checkpoint(checkpoint, **self._own_objects(copy_model=False))
+
+    def _own_objects(self, copy_model: bool) -> dict[str, Any]:
+        """What a Trainer made from this run's checkpoint needs beside it: nothing for a built-in model and
+        data set, else this run's own model (a copy for a fork), data, loss and task."""
+        if self._own_model:
+            return {}
+        return dict(model=copy.deepcopy(self.model) if copy_model else self.model, train_data=self.train_data,
+                    val_data=self.val_data, loss_fn=self.loss_fn, task=self.task)
 
     @property
     def lineage(self) -> dict[str, Any]:

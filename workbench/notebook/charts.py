@@ -111,13 +111,15 @@ class LiveSource:
     steps, with names) and every marker on each call, a cost that grows with the run. Here the series come
     from the metric store's downsampled views every time (bounded by ``n_out``), the val series only after a
     new evaluation, the layer table from the store's numeric columns only when new rows arrived (numpy,
-    thinned to ``max_cols`` steps) and the markers only when the event log grew. A trainer without the
-    in-memory layer store falls back to ``chart_data``.
+    thinned to ``max_cols`` steps) and the markers only when the event log grew. Everything is read through
+    the Trainer's public polling calls (``layer_count``/``layer_columns``, ``event_count``/``event_list``);
+    an object without them (a run read from disk) falls back to ``chart_data``.
     """
 
     def __init__(self, tr: Any, n_out: int = 2000, max_cols: int = 200, max_markers: int = 200) -> None:
         self.tr, self.n_out, self.max_cols, self.max_markers = tr, int(n_out), int(max_cols), int(max_markers)
-        self.names = np.asarray([n for n, p in tr.model.named_parameters() if p.requires_grad], dtype=object)
+        self.names = np.asarray(tr.layer_names if hasattr(tr, "layer_names") else
+                                [n for n, p in tr.model.named_parameters() if p.requires_grad], dtype=object)
         self._val: tuple[Any, dict] = (None, {})
         self._layers: tuple[Any, pd.DataFrame] = (None, empty_data().layers)
         self._markers: tuple[Any, list] = (None, [])
@@ -125,25 +127,24 @@ class LiveSource:
 
     def collect(self) -> ChartData:
         tr = self.tr
-        store = getattr(tr, "_layer_store", None)
-        if store is None or not hasattr(tr, "_events"):
+        if not (hasattr(tr, "layer_columns") and hasattr(tr, "event_list")):
             return chart_data(tr, n_out=self.n_out, max_cols=self.max_cols, max_markers=self.max_markers)
         series = {name: tr.series(name, self.n_out) for name in ("train_loss", "lr", "grad_norm")}
         key = tr.last_eval.get("step")
         if key != self._val[0] or not self._val[1]:
             self._val = (key, {name: tr.series(name, self.n_out) for name in ("val_loss", "val_acc")})
         series.update(self._val[1])
-        key = store.appended
+        key = tr.layer_count
         if key != self._layers[0]:
-            self._layers = (key, self._layer_table(store))
-        n_events = len(tr._events)
+            self._layers = (key, self._layer_table())
+        n_events = tr.event_count
         if n_events != self._markers[0]:
             self._markers = (n_events, self._marker_list())
         points = max((len(x) for x, _ in series.values()), default=0)
         return ChartData(series=series, layers=self._layers[1], markers=self._markers[1], points=points)
 
-    def _layer_table(self, store: Any) -> pd.DataFrame:
-        cols = store.tail(len(store), ("step", "layer", "grad_norm", "update_ratio"))
+    def _layer_table(self) -> pd.DataFrame:
+        cols = self.tr.layer_columns(("step", "layer", "grad_norm", "update_ratio"))
         steps = cols["step"]
         if not len(steps):
             return empty_data().layers
@@ -159,7 +160,7 @@ class LiveSource:
                              "grad_norm": cols["grad_norm"][mask], "update_ratio": cols["update_ratio"][mask]})
 
     def _marker_list(self) -> list[dict[str, Any]]:
-        events = list(self.tr._events)        # append-only list of dicts (tr.events builds a DataFrame: slower)
+        events = self.tr.event_list()        # the log's dicts (tr.events builds a DataFrame: slower)
         self.checkpoint_events = sum(1 for e in events if e["kind"] == "checkpoint")
         ev = [e for e in events if e["kind"] in MARKER_KINDS][-self.max_markers:]
         return [{"step": int(e["step"]), "kind": e["kind"], "label": marker_label(e["kind"], e["data"])} for e in ev]

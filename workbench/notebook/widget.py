@@ -283,10 +283,8 @@ class Panel(widgets.VBox):
             self._local.on = False
 
     def _change_key(self, tr: "Trainer") -> tuple:
-        events = getattr(tr, "_events", None)
-        n_events = len(events) if events is not None else len(tr.events)
         alerts = tr.alerts
-        return (id(tr), tr.step_count, tr.status, n_events, len(alerts), sum(a.dismissed for a in alerts),
+        return (id(tr), tr.step_count, tr.status, tr.event_count, len(alerts), sum(a.dismissed for a in alerts),
                 tr.last_eval.get("step"))
 
     def _tick(self) -> None:
@@ -527,16 +525,7 @@ class Panel(widgets.VBox):
 
     def _resume_from(self) -> "Trainer":
         """Continue this run from the selected checkpoint (same run directory; later rows are dropped)."""
-        from ..trainer import Trainer
-
-        tr = self.trainer
-        if tr.is_alive:
-            raise RuntimeError("the run is still going; stop it first (resuming continues in the same run "
-                               "directory, so only one trainer may write there)")
-        own = getattr(tr, "_own_model", True)
-        objects = {} if own else dict(model=tr.model, train_data=tr.train_data, val_data=tr.val_data,
-                                      loss_fn=tr.loss_fn, task=tr.task)
-        new = Trainer.from_checkpoint(self._selected_checkpoint(), **objects)
+        new = self.trainer.continue_from(self._selected_checkpoint())
         self.attach(new)
         self._say(f"resumed from step {new.step_count}: press start to continue (panel.trainer is the new run)")
         return new
