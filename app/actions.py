@@ -155,33 +155,32 @@ def command(run_dir: str, action: str, n: int = 1, tag: str | None = None, wait:
 
 
 # ---------------------------------------------------------------------------- diagnosis
-def apply_alert_action(run_dir: str, alert: Mapping[str, Any], index: int) -> Outcome:
-    """One click on an alert's suggested action: ``apply_action`` in this process, else its controls via the inbox."""
+def apply_alert_action(run_dir: str, alert: Mapping[str, Any], index: int, wait: float = WAIT_S) -> Outcome:
+    """One click on an alert's suggested action (a rollback included): ``apply_action`` in this process, else
+    the same through the run's inbox (the trainer checks the alert and the action and says why it refuses)."""
     actions = alert.get("actions") or []
     if not 0 <= index < len(actions):
         raise ValueError(f"index: got {index!r}; allowed: 0 to {len(actions) - 1}")
-    action = actions[index]
+    what = f"{alert['kind']}: {actions[index]['label']}"
     tr = registry.get(run_dir)
     if tr is not None:
-        req = tr.apply_action(int(alert["id"]), index, source="dashboard").wait(WAIT_S)
-        return Outcome(run_dir, f"{alert['kind']}: {action['label']}", request=req)
-    if action.get("rollback"):
-        raise ValueError(f"{action['label']!r} rolls the run back, which only the trainer's own process can do "
-                         f"(a notebook: tr.apply_action({alert['id']}, {index}))")
-    if not action.get("controls"):
-        raise ValueError(f"{action['label']!r} is advice for the next run ({action.get('hint')}); nothing to apply")
-    out = apply_controls(run_dir, dict(action["controls"]))
-    out.what = f"{alert['kind']}: {action['label']}"
-    return out
+        return Outcome(run_dir, what, request=tr.apply_action(int(alert["id"]), index, source="dashboard").wait(wait))
+    w = _reachable(run_dir)
+    rid = w.view.apply_action(int(alert["id"]), index, source="dashboard")
+    w.view.wait(rid, wait)
+    return Outcome(run_dir, what, inbox_id=rid)
 
 
-def dismiss_alert(run_dir: str, alert_id: int) -> Outcome:
-    """Mark an alert a false alarm (only for a run this process trains)."""
+def dismiss_alert(run_dir: str, alert_id: int, wait: float = WAIT_S) -> Outcome:
+    """Mark an alert a false alarm: ``dismiss`` in this process, else through the run's inbox."""
+    what = f"dismiss alert {alert_id}"
     tr = registry.get(run_dir)
-    if tr is None:
-        raise ValueError("dismissing an alert needs the trainer's own process; this run is trained elsewhere")
-    return Outcome(run_dir, f"dismiss alert {alert_id}", request=tr.dismiss(int(alert_id), source="dashboard")
-                   .wait(WAIT_S))
+    if tr is not None:
+        return Outcome(run_dir, what, request=tr.dismiss(int(alert_id), source="dashboard").wait(wait))
+    w = _reachable(run_dir)
+    rid = w.view.dismiss(int(alert_id), source="dashboard")
+    w.view.wait(rid, wait)
+    return Outcome(run_dir, what, inbox_id=rid)
 
 
 # ---------------------------------------------------------------------------- launching

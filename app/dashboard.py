@@ -476,8 +476,9 @@ def diagnosis_view(run_key: str) -> None:
             st.success("No problems detected so far.")
             return
         current = [a for a in alerts if a["id"] in open_ids]
+        live = in_app or sources.owner(run_key)["where"] == "process"  # steerable, here or through the inbox
         for a in current or alerts[:5]:
-            alert_card(run_key, a, in_app, is_open=a["id"] in open_ids)
+            alert_card(run_key, a, live, is_open=a["id"] in open_ids)
         earlier = [a for a in alerts if a["id"] not in open_ids]
         if earlier:
             with st.expander(f"All alerts ({len(alerts)})"):
@@ -485,7 +486,7 @@ def diagnosis_view(run_key: str) -> None:
                                            for a in alerts]), hide_index=True)
 
 
-def alert_card(run_key: str, a: dict, in_app: bool, is_open: bool) -> None:
+def alert_card(run_key: str, a: dict, live: bool, is_open: bool) -> None:
     with st.container(border=True):
         st.markdown(f"**{a['kind']}** — :{SEVERITY_COLORS.get(a['severity'], 'gray')}[{a['severity']}], step {a['step']}, "
                     f"confidence {float(a.get('confidence', 0)):.0%}"
@@ -493,7 +494,7 @@ def alert_card(run_key: str, a: dict, in_app: bool, is_open: bool) -> None:
         st.write(a["message"])
         st.caption(f"Evidence: {a['evidence']}")
         acts = a.get("actions") or []
-        cols = st.columns(max(1, len(acts) + (1 if in_app else 0)))
+        cols = st.columns(max(1, len(acts) + (1 if live else 0)))
         for i, act in enumerate(acts):
             applicable = bool(act.get("controls")) or bool(act.get("rollback"))
             if applicable:
@@ -501,7 +502,7 @@ def alert_card(run_key: str, a: dict, in_app: bool, is_open: bool) -> None:
                                args=(run_key, a, i), help=str(act.get("controls") or "roll back"))
             else:
                 cols[i].caption(f"Next run: {act['label']} ({act.get('hint') or ''})")
-        if in_app and not a.get("dismissed"):
+        if live and not a.get("dismissed"):
             cols[-1].button("Dismiss (false alarm)", key=f"alert_{a['id']}_dismiss", on_click=cb_dismiss,
                             args=(run_key, a["id"]))
 

@@ -22,7 +22,7 @@ import yaml
 from workbench import registry
 from workbench.metrics import downsample
 from workbench.rundir import DB_NAME, RunDB, list_runs
-from workbench.runview import RunView
+from workbench.runview import RunView, alerts_in
 
 ENDED = ("finished", "stopped", "failed")
 MAX_LAYER_COLUMNS = 200
@@ -126,14 +126,7 @@ class WatchedRun:
     @property
     def alerts(self) -> list[dict[str, Any]]:
         """Alerts from the event log (as dicts), each with ``dismissed`` set from later dismiss events."""
-        ev = self.events
-        if ev.empty:
-            return []
-        dismissed = {int(d.get("alert", -1)) for d in ev.loc[ev["kind"] == "dismiss", "data"]}
-        out = [dict(d) for d in ev.loc[ev["kind"] == "alert", "data"]]
-        for a in out:
-            a["dismissed"] = bool(a.get("dismissed")) or int(a.get("id", -1)) in dismissed
-        return out
+        return alerts_in(self.events)
 
     def snapshot(self) -> dict[str, Any]:
         """Status-line data in the shape of ``Trainer.snapshot()`` (refresh first)."""

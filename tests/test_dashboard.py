@@ -214,6 +214,48 @@ def test_steer_a_run_in_another_process_through_its_inbox(app, tmp_path, monkeyp
             proc.kill()
 
 
+def test_roll_back_and_dismiss_an_alert_of_a_run_in_another_process(app, tmp_path, monkeypatch):
+    """An alert's rollback and its dismiss button work for a run the CLI trains, through its inbox."""
+    root = tmp_path / "other"
+    # on_divergence=ignore: the CLI stops a run that its divergence policy paused (nobody to steer it there)
+    proc = subprocess.Popen([str(WORKBENCH), "train", "--scenario", "lr_too_high", "--set", "max_steps=1000000",
+                             "--set", "checkpoint_every=1", "--set", "on_divergence=ignore", "--runs", str(root),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run = wait_for(lambda: next((p for p in root.glob("*/run.db")), None), timeout=60).parent
+
+        def fresh() -> sources.WatchedRun:
+            w = sources.watched(run)
+            w.refresh()
+            return w
+
+        wait_for(lambda: any(a["kind"] == "divergence" for a in fresh().alerts), timeout=60)
+        monkeypatch.setenv("WORKBENCH_RUNS", str(root))
+        app.run()
+        assert not app.exception and not errors(app)
+        alert = next(a for a in fresh().alerts if a["kind"] == "divergence")
+        back = next(i for i, act in enumerate(alert["actions"]) if act.get("rollback"))
+        view = sources.watched(run).view
+
+        def outcome() -> dict:
+            rid = app.session_state["requests"][-1].inbox_id
+            return wait_for(lambda: (r := view.request(rid))["status"] != "pending" and r, timeout=20)
+
+        app.button(key=f"alert_{alert['id']}_act_{back}").click().run()
+        assert not app.exception and not errors(app)
+        assert outcome()["status"] == "applied"
+        wait_for(lambda: (fresh().events["kind"] == "rollback").any(), timeout=20)
+        app.button(key=f"alert_{alert['id']}_dismiss").click().run()
+        assert not app.exception and not errors(app)
+        assert outcome()["status"] == "applied"
+        wait_for(lambda: next(a for a in fresh().alerts if a["id"] == alert["id"])["dismissed"], timeout=20)
+        app.button(key="cmd_stop").click().run()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_diagnosis_action_checkpoint_fork_and_compare(app, runs_root):
     app.run()
     app.radio(key="launch_source").set_value("Scenario").run()

@@ -1,6 +1,8 @@
 """RunView reads a run directory like the Trainer's own API; chart data and figures are bounded and shared."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,34 @@ def _steer(tr):
     assert stepped["status"] == "applied"
     with pytest.raises(ValueError, match="action"):
         view.command("explode")
+
+
+def test_runview_dismisses_and_applies_alert_actions_through_the_inbox(tmp_path):
+    """What the dashboard does for a run another process trains: an alert's action (a rollback here) and a
+    dismiss go through the run's SQLite inbox; the trainer checks them and refuses what does not exist."""
+    from workbench.scenarios import scenario_config
+
+    tr = Trainer(scenario_config("lr_too_high", runs_root=str(tmp_path), tensorboard=False, max_steps=100_000,
+                                 checkpoint_every=1))  # a finite checkpoint to roll back to
+    tr.start()
+    try:
+        view = RunView(tr.run_dir)
+        deadline = time.monotonic() + 60
+        while not view.alerts or tr.status != "paused":  # the divergence policy pauses the run
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        alert = next(a for a in view.alerts if a["kind"] == "divergence")
+        back = next(i for i, act in enumerate(alert["actions"]) if act.get("rollback"))
+        done = view.wait(view.apply_action(alert["id"], back), timeout=20)
+        assert done["status"] == "applied", done["message"]
+        assert (tr.events["kind"] == "rollback").any()
+        assert tr.controls.lr == pytest.approx(alert["actions"][back]["controls"]["lr"])
+        missing = view.wait(view.apply_action(alert["id"], 99), timeout=20)
+        assert missing["status"] == "refused" and "index" in missing["message"]
+        assert view.wait(view.dismiss(10_000), timeout=20)["status"] == "refused"
+        assert view.wait(view.dismiss(alert["id"]), timeout=20)["status"] == "applied"
+        assert next(a for a in view.alerts if a["id"] == alert["id"])["dismissed"]
+        assert next(a for a in tr.alerts if a.id == alert["id"]).dismissed
+    finally:
+        tr.stop()
+        tr.join(20)

@@ -52,7 +52,7 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 
 #: Actions a control request may carry.
-CONTROL_ACTIONS = ("set", "pause", "resume", "step", "stop", "checkpoint")
+CONTROL_ACTIONS = ("set", "pause", "resume", "step", "stop", "checkpoint", "dismiss", "alert_action")
 #: Outcomes the trainer may write back (a request starts as ``"pending"``).
 CONTROL_STATUSES = ("applied", "refused")
 
@@ -522,7 +522,8 @@ class RunDB:
         """Post a control request (status ``"pending"``) for the trainer process; returns the request id.
 
         ``action`` is one of :data:`CONTROL_ACTIONS`; ``"set"`` needs a non-empty ``controls`` mapping
-        (e.g. ``{"lr": 1e-3}``), the other actions may pass ``{}``.
+        (e.g. ``{"lr": 1e-3}``); ``"dismiss"`` takes ``{"alert": id}``, ``"alert_action"`` ``{"alert": id,
+        "index": i}`` (the trainer checks both); the other actions may pass ``{}``.
         """
         if action not in CONTROL_ACTIONS:
             raise ValueError(f"unknown control action {action!r}; allowed: {list(CONTROL_ACTIONS)!r}")

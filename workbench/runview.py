@@ -94,9 +94,8 @@ class RunView:
 
     @property
     def alerts(self) -> list[dict[str, Any]]:
-        """The run's alerts (as plain dicts, from the event log)."""
-        ev = self.events
-        return [dict(d) for d in ev.loc[ev["kind"] == "alert", "data"]] if not ev.empty else []
+        """The run's alerts (as plain dicts, from the event log; see :func:`alerts_in`)."""
+        return alerts_in(self.events)
 
     def series(self, y: str, n_out: int = 2000) -> tuple[np.ndarray, np.ndarray]:
         """Downsampled (step, value) of a step column or an eval column (val_loss, val_acc)."""
@@ -149,6 +148,17 @@ class RunView:
             args = {"n": check_int("n", args.get("n", 1), minimum=1)}
         return self._inbox().post_control(args, source=check_source(source), action=action)
 
+    def dismiss(self, alert_id: int, source: str = "dashboard") -> int:
+        """Post: mark alert ``alert_id`` a false alarm (``Trainer.dismiss``); returns the request id."""
+        return self._inbox().post_control({"alert": check_int("alert", alert_id, minimum=0)},
+                                          source=check_source(source), action="dismiss")
+
+    def apply_action(self, alert_id: int, index: int = 0, source: str = "dashboard") -> int:
+        """Post: apply suggested action ``index`` of alert ``alert_id``, a rollback included
+        (``Trainer.apply_action``); the trainer checks that both exist. Returns the request id."""
+        args = {"alert": check_int("alert", alert_id, minimum=0), "index": check_int("index", index, minimum=0)}
+        return self._inbox().post_control(args, source=check_source(source), action="alert_action")
+
     def request(self, request_id: int) -> dict[str, Any]:
         """The request's outcome so far: status pending, applied (with step) or refused (with message)."""
         return self._db.control(request_id)
@@ -160,6 +170,15 @@ class RunView:
         self._db.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def alerts_in(events: pd.DataFrame) -> list[dict[str, Any]]:
+    """The alerts of an event log (as dicts), each ``dismissed`` when a later dismiss event names it."""
+    if events.empty:
+        return []
+    dismissed = {int(d.get("alert", -1)) for d in events.loc[events["kind"] == "dismiss", "data"]}
+    return [dict(d, dismissed=bool(d.get("dismissed")) or int(d.get("id", -1)) in dismissed)
+            for d in events.loc[events["kind"] == "alert", "data"]]
 
 
 # ---------------------------------------------------------------------------- chart data

@@ -425,22 +425,33 @@ class Trainer:
 
     def dismiss(self, alert_id: int, source: str = "api") -> Request:
         """Mark an alert a false alarm; its detector backs off for the rest of this run (recorded)."""
-        self._diagnoser.find(alert_id)  # validates the id now
-        return self._post(Request("dismiss", n=int(alert_id), source=check_source(source)))
+        return self._post(self._dismiss_request(alert_id, check_source(source)))
 
     def apply_action(self, alert_id: int, index: int = 0, source: str = "api") -> Request:
         """Apply an alert's suggested action: its controls through ``set`` (after a rollback if it asks)."""
+        action = self._alert_action(alert_id, index)
+        if action.rollback:
+            return self._post(self._rollback_request(action, check_source(source)))
+        return self.set(source=source, **action.controls)
+
+    def _dismiss_request(self, alert_id: int, source: str) -> Request:
+        self._diagnoser.find(alert_id)  # validates the id now
+        return Request("dismiss", n=int(alert_id), source=source)
+
+    def _alert_action(self, alert_id: int, index: int) -> Any:
+        """Suggested action ``index`` of alert ``alert_id``, once both exist and it can be applied."""
         alert = self._diagnoser.find(alert_id)
         if not 0 <= index < len(alert.actions):
             raise ValueError(f"index: got {index!r}; allowed: 0 to {len(alert.actions) - 1}")
         action = alert.actions[index]
         if not action.applicable:
             raise ValueError(f"action {action.label!r} is advice for the next run ({action.hint}); nothing to apply")
-        if action.rollback:
-            controls = validate_controls(action.controls, n_train=len(self.train_data), device=self.device) \
-                if action.controls else {}
-            return self._post(Request("rollback", controls=controls, source=check_source(source)))
-        return self.set(source=source, **action.controls)
+        return action
+
+    def _rollback_request(self, action: Any, source: str) -> Request:
+        controls = validate_controls(action.controls, n_train=len(self.train_data), device=self.device) \
+            if action.controls else {}
+        return Request("rollback", controls=controls, source=source)
 
     def lr_find(self, **options: Any) -> Any:
         """LR range test (Smith 2017, fastai's valley rule) on copies; see ``workbench.finders.lr_find``."""
@@ -857,10 +868,12 @@ class Trainer:
         try:
             source = check_source(source)
             if action == "set":
-                if self._status in ("finished", "stopped", "failed"):
-                    raise RuntimeError(f"the run has ended (status {self._status})")
-                req = Request("set", controls=validate_controls(args, n_train=len(self.train_data),
-                                                                device=self.device), source=source)
+                req = self._set_request(args, source)
+            elif action == "alert_action":  # an alert's suggested action: a rollback (with its controls), or a set
+                suggested = self._alert_action(check_int("alert", args.get("alert"), minimum=0),
+                                               check_int("index", args.get("index", 0), minimum=0))
+                req = (self._rollback_request(suggested, source) if suggested.rollback
+                       else self._set_request(suggested.controls, source))
             elif action == "step":
                 req = Request("step", n=check_int("n", args.get("n", 1), minimum=1), source=source)
             elif action in ("pause", "resume", "stop"):
@@ -870,8 +883,11 @@ class Trainer:
                 if tag is not None:
                     ck.checkpoint_name(0, tag)
                 req = Request("checkpoint", tag=tag, source=source)
+            elif action == "dismiss":
+                req = self._dismiss_request(check_int("alert", args.get("alert"), minimum=0), source)
             else:
-                raise ValueError(f"action: got {action!r}; allowed: set, pause, resume, step, stop, checkpoint")
+                raise ValueError(f"action: got {action!r}; allowed: set, pause, resume, step, stop, checkpoint, "
+                                 f"dismiss, alert_action")
         except (ValueError, TypeError, RuntimeError) as e:
             self._recorder.outcomes.append((item["id"], "refused", self.step_count, str(e)))
             self._log_event("refused", source if source in SOURCES else "dashboard",
@@ -879,6 +895,12 @@ class Trainer:
             return
         req.inbox_id, req.on_done = item["id"], write_back
         self._post(req)
+
+    def _set_request(self, controls: Mapping[str, Any], source: str) -> Request:
+        if self._status in ("finished", "stopped", "failed"):
+            raise RuntimeError(f"the run has ended (status {self._status})")
+        return Request("set", controls=validate_controls(controls, n_train=len(self.train_data), device=self.device),
+                       source=source)
 
     def _refuse_pending(self, why: str) -> None:
         while self._requests:
@@ -1226,6 +1248,7 @@ class Trainer:
             while self._good_states and self._good_states[-1][0] > target[0]:
                 self._good_states.pop()
         if target is None:
+            self._writer.wait()  # saves already logged but still being written count too
             for step, path in ck.checkpoint_files(self.checkpoint_dir):
                 try:
                     ckpt = ck.load_checkpoint(path, map_location=self.device)
