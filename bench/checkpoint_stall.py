@@ -53,22 +53,30 @@ def _step_times(tr: Trainer, firsts: set[int]) -> tuple[np.ndarray, np.ndarray]:
 def measure(name: str, saves: int, every: int, writers: tuple[str, ...] = ("auto",)) -> list[dict]:
     """One saving side per writer (A), one control (B), all interleaved; a result per A."""
     sides, b = [_trainer(name, every, w) for w in writers], _trainer(name, 0)
-    if any(a._writer.mode == "process" for a in sides):  # the writer process imports torch (~1 s) first
+    firsts = _drive([*sides, b], saves, every)
+    return [_figures(a, b, firsts, every) | {"writer": w, "mode": a._writer.mode} for a, w in zip(sides, writers)]
+
+
+def _drive(trainers: list[Trainer], saves: int, every: int) -> set[int]:
+    """Run the trainers interleaved in chunks of ``every`` steps, each chunk with one save of a saving side in
+    its middle, ``saves`` timed chunks after one of warm-up; stop them. Returns the first step number of
+    every chunk (the same on every side; its interval holds the pause between chunks)."""
+    if any(tr._writer.mode == "process" for tr in trainers):  # the writer process imports torch (~1 s) first
         from workbench.ckptproc import client
         client().ready.wait(60)
-    firsts: set[int] = set()  # the same step numbers on every side
-    for tr in (*sides, b):
+    firsts: set[int] = set()
+    for tr in trainers:
         tr.start(paused=True)
-        run_trainer_chunk(tr, every // 2)  # A's chunks now have their save in the middle
+        run_trainer_chunk(tr, every // 2)  # a saving side's chunks now have their save in the middle
     for _ in range(saves + 1):  # chunk 0 is warm-up
-        firsts.add(b.step_count + 1)
-        for tr in (*sides, b):
+        firsts.add(trainers[0].step_count + 1)
+        for tr in trainers:
             time.sleep(0.1)  # the same short pause before every chunk
             run_trainer_chunk(tr, every)
-    for tr in (*sides, b):
+    for tr in trainers:
         tr.stop().wait(120)
         tr.join()
-    return [_figures(a, b, firsts, every) | {"writer": w, "mode": a._writer.mode} for a, w in zip(sides, writers)]
+    return firsts
 
 
 def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
@@ -202,16 +210,7 @@ def breakdown(name: str, saves: int, every: int) -> tuple[list[list], float, flo
     try:
         for owner, attr, label in parts:
             timed(owner, attr, label)
-        if tr._writer.mode == "process":
-            from workbench.ckptproc import client
-            client().ready.wait(60)
-        tr.start(paused=True)
-        run_trainer_chunk(tr, every // 2)
-        for _ in range(saves + 1):
-            time.sleep(0.1)
-            run_trainer_chunk(tr, every)
-        tr.stop().wait(120)
-        tr.join()
+        _drive([tr], saves, every)
     finally:
         T.Trainer._save_checkpoint = save
         for owner, attr, had, original in reversed(undo):
