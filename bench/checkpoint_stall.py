@@ -4,7 +4,9 @@
                                                [--writer auto|process|thread] [--breakdown]
 
 Two Trainers with the same model, data and seed (default instrumentation, digits, Adam) run side by
-side, interleaved in chunks (A B A B ...): A saves a checkpoint every K steps, B never does (the control).
+side, interleaved in chunks (A B C A B C ...): A saves a checkpoint every K steps, B never does (the control),
+and C is the hand-written loop (no workbench at all: the same model, data, batch order and Adam on the main
+thread, as in bench/overhead.py, on the trainers' intra-op thread count).
 Each A chunk is K steps long and has one save in its middle, so the save's background write finishes
 inside the chunk. A save has two parts: the state is copied to host memory on the trainer thread
 between two steps, then written (torch.save, fsync, rename) while training goes on: by the writer
@@ -17,7 +19,9 @@ the same per save as a median over saves (the stall a save typically causes), an
 control B at the same step numbers. B runs the same diagnosis ticks, layer statistics and recorder
 writes at those steps and the same host noise reaches both, so A's figure minus B's is what the saves
 themselves cost; "time lost per save" sums that difference over a save's window (median over saves),
-which counts what a writer thread's GIL share costs on every step it overlaps. The first chunk of
+which counts what a writer thread's GIL share costs on every step it overlaps. C's longest step over the
+same places of its own chunks, over its median step, is the floor this machine sets: what the figure
+would be if a save and the workbench cost nothing. The first chunk of
 each side is warm-up.
 """
 from __future__ import annotations
@@ -26,10 +30,12 @@ import argparse
 import os
 import statistics
 import time
+from typing import Callable
 
 import numpy as np
+import torch
 
-from _common import Trainer, env_line, notebook_warmup, run_trainer_chunk, runs_dir, table
+from _common import HandLoop, Trainer, env_line, notebook_warmup, run_trainer_chunk, runs_dir, table
 
 MODELS = {"tiny": dict(width=64, bs=64), "medium": dict(width=1024, bs=128)}
 
@@ -51,16 +57,37 @@ def _step_times(tr: Trainer, firsts: set[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def measure(name: str, saves: int, every: int, writers: tuple[str, ...] = ("auto",)) -> list[dict]:
-    """One saving side per writer (A), one control (B), all interleaved; a result per A."""
+    """One saving side per writer (A), one control (B) and the hand-written loop (C), all interleaved;
+    a result per A."""
     sides, b = [_trainer(name, every, w) for w in writers], _trainer(name, 0)
-    firsts = _drive([*sides, b], saves, every)
-    return [_figures(a, b, firsts, every) | {"writer": w, "mode": a._writer.mode} for a, w in zip(sides, writers)]
+    x, y = b.train_data.tensors
+    hand = HandLoop(b.model, x, y, seed=b.cfg.seed, batch_size=b.cfg.batch_size, lr=b.cfg.lr, loss_fn=b.loss_fn,
+                    device=b.device)
+    hand_chunks: list[list[float]] = []
+
+    def hand_chunk() -> None:
+        # on the trainers' intra-op thread count (one for the tiny MLP): a team on every core meets more of
+        # the machine's noise, and the floor is meant for the loop the trainers run
+        ev = b.events
+        threads = ev.loc[ev["kind"] == "cpu_threads", "data"].iloc[-1]["intra_op_threads"]
+        mine = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            hand_chunks.append(hand.run(every))
+        finally:
+            torch.set_num_threads(mine)
+
+    firsts = _drive([*sides, b], saves, every, hand_chunk)
+    floor = _hand_floor(sides[0], firsts, hand_chunks[1:], every)
+    return [_figures(a, b, firsts, every) | floor | {"writer": w, "mode": a._writer.mode}
+            for a, w in zip(sides, writers)]
 
 
-def _drive(trainers: list[Trainer], saves: int, every: int) -> set[int]:
+def _drive(trainers: list[Trainer], saves: int, every: int, hand: Callable[[], None] | None = None) -> set[int]:
     """Run the trainers interleaved in chunks of ``every`` steps, each chunk with one save of a saving side in
-    its middle, ``saves`` timed chunks after one of warm-up; stop them. Returns the first step number of
-    every chunk (the same on every side; its interval holds the pause between chunks)."""
+    its middle, ``saves`` timed chunks after one of warm-up; stop them. ``hand``, when given, runs one chunk
+    of the hand-written loop after the trainers' chunks, after the same pause. Returns the first step number
+    of every chunk (the same on every side; its interval holds the pause between chunks)."""
     if any(tr._writer.mode == "process" for tr in trainers):  # the writer process imports torch (~1 s) first
         from workbench.ckptproc import client
         client().ready.wait(60)
@@ -73,23 +100,47 @@ def _drive(trainers: list[Trainer], saves: int, every: int) -> set[int]:
         for tr in trainers:
             time.sleep(0.1)  # the same short pause before every chunk
             run_trainer_chunk(tr, every)
+        if hand is not None:
+            time.sleep(0.1)
+            hand()
     for tr in trainers:
         tr.stop().wait(120)
         tr.join()
     return firsts
 
 
-def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
+def _hand_floor(a: Trainer, firsts: set[int], chunks: list[list[float]], every: int) -> dict:
+    """The noise floor: the hand-written loop's (no workbench at all) longest step over each save's window,
+    taken at the same places in its own chunks (step s of the chunk that starts at step f is the loop's
+    (s - f)-th step of the same round), over its own median step."""
+    starts = sorted(firsts)[1:]  # the timed chunks (chunk 0 is warm-up), as the loop's chunks
+    worst = []
+    for steps, _, _ in _windows(a, firsts, every):
+        c = max((i for i, f in enumerate(starts) if f <= int(steps[0])), default=None)
+        if c is None or c >= len(chunks):
+            continue
+        offsets = [int(s) - starts[c] for s in steps if 1 <= int(s) - starts[c] <= len(chunks[c])]
+        if offsets:
+            worst.append(max(chunks[c][j - 1] for j in offsets))
+    med = statistics.median(x for ch in chunks for x in ch)
+    return {"hand_ratio": max(worst) / med if worst else float("nan"),
+            "hand_typical": statistics.median(worst) / med if worst else float("nan"), "hand_median_ms": med * 1e3,
+            "hand_over2": sum(w > 2 * med for w in worst)}
+
+
+def _windows(a: Trainer, firsts: set[int], every: int) -> list[tuple[np.ndarray, float, int]]:
+    """Each timed periodic save of ``a``: (the step numbers whose interval overlaps its window, the window's
+    length in seconds, the file's size). A window runs from the end of the save's step (the copy starts)
+    to the file's mtime (its last byte)."""
     h = a.history
     row_time = dict(zip(h["step"].to_numpy().tolist(), h["time"].to_numpy().tolist()))
-    step_a, dt_a = _step_times(a, firsts)
-    step_b, dt_b = _step_times(b, firsts)
+    step_a, _ = _step_times(a, firsts)
     lo = np.array([row_time.get(int(s) - 1, np.nan) for s in step_a])
     hi = np.array([row_time[int(s)] for s in step_a])
     ev = a.events
     periodic = ev[(ev["kind"] == "checkpoint") & ev["data"].map(lambda d: d.get("reason") == "periodic")]
     warm = every // 2 + every  # after the first (warm-up) chunk
-    windows, sizes, lengths = [], [], []
+    out = []
     for _, row in periodic.iterrows():
         s = int(row["step"])
         if s <= warm or s not in row_time:
@@ -98,9 +149,18 @@ def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
         end = max(os.stat(path).st_mtime, row["time"]) if os.path.exists(path) else row["time"]
         inside = (hi > row_time[s]) & (lo <= end)
         if inside.any():
-            windows.append(step_a[inside])
-            lengths.append(end - row_time[s])
-            sizes.append(os.path.getsize(path) if os.path.exists(path) else 0)
+            out.append((step_a[inside], end - row_time[s], os.path.getsize(path) if os.path.exists(path) else 0))
+    return out
+
+
+def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
+    step_a, dt_a = _step_times(a, firsts)
+    step_b, dt_b = _step_times(b, firsts)
+    warm = every // 2 + every  # after the first (warm-up) chunk
+    found = _windows(a, firsts, every)
+    windows = [w for w, _, _ in found]
+    lengths = [n for _, n, _ in found]
+    sizes = [z for _, _, z in found]
     by_step_b = dict(zip(step_b.tolist(), dt_b.tolist()))
     by_step_a = dict(zip(step_a.tolist(), dt_a.tolist()))
     med_a = float(np.median(dt_a[step_a > warm]))
@@ -125,6 +185,7 @@ def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
             "saves": len(windows),
             "ratio": max(worst_a) / med_a, "typical": statistics.median(worst_a) / med_a,
             "control_ratio": np.nanmax(worst_b) / med_b, "control_typical": float(np.nanmedian(worst_b)) / med_b,
+            "over2": sum(w > 2 * med_a for w in worst_a), "control_over2": sum(w > 2 * med_b for w in worst_b),
             "copy_ms": float(np.median(dt_a[copy])) * 1e3, "lost_ms": statistics.median(lost) * 1e3,
             "steps_per_save": statistics.median(len(w) for w in windows),
             "window_ms": statistics.median(lengths) * 1e3, "size_mb": statistics.median(sizes) / 1e6,
@@ -251,30 +312,36 @@ def main() -> None:
             finals.append(f"{name} {whole / step:.2f} ({whole:.3f} ms / {step:.3f} ms)")
         print("\nratio save on the trainer thread / median step: " + ", ".join(finals))
         return
-    rows, finals, after_rows, over_rows = [], [], [], []
+    rows, finals, after_rows, over_rows, over2_rows = [], [], [], [], []
     writers = tuple(w.strip() for w in a.writer.split(","))
     for name in a.models.split(","):
         saves = a.saves or (2 if a.quick else (60 if name == "tiny" else 16))
         for r in measure(name, saves, every, writers):
             label = name if len(writers) == 1 else f"{name} ({r['mode']})"
             rows.append([label, r["median_ms"], r["p99_ms"], r["copy_ms"], r["lost_ms"], r["ratio"], r["typical"],
-                         r["control_ratio"], r["control_typical"], r["outside_ms"], r["saves"], r["steps_per_save"],
-                         r["window_ms"], r["size_mb"]])
+                         r["control_ratio"], r["control_typical"], r["hand_ratio"], r["hand_typical"], r["outside_ms"],
+                         r["saves"], r["steps_per_save"], r["window_ms"], r["size_mb"]])
             after_rows.append([label] + [f"{x:.2f} / {y:.2f}" for x, y in r["after"].values()])
             over_rows.append([label] + [f"{x} / {y}" for x, y in r["over"].values()])
+            over2_rows.append([label, r["saves"], r["over2"], r["control_over2"], r["hand_over2"]])
             finals.append(f"{label} {r['ratio']:.2f} (median save {r['typical']:.2f}; control without saves "
-                          f"{r['control_ratio']:.2f} / {r['control_typical']:.2f})")
-    print(f"\ncheckpoint_every={every}, checkpoint_writer={a.writer}; A saves, B (control) does not; "
-          "windows from the copy to the file's last write")
+                          f"{r['control_ratio']:.2f} / {r['control_typical']:.2f}; hand-written loop "
+                          f"{r['hand_ratio']:.2f} / {r['hand_typical']:.2f})")
+    print(f"\ncheckpoint_every={every}, checkpoint_writer={a.writer}; A saves, B (control) does not, C is the "
+          "hand-written loop; windows from the copy to the file's last write")
     print(table(rows, ["model", "median step ms", "p99 step ms", "copy step ms (median)", "time lost per save ms",
                        "worst step during saves/median", "median over saves of its worst step/median",
                        "control: same steps, worst/median", "control: median over saves",
+                       "hand-written loop: same places, worst/median", "hand-written loop: median over saves",
                        "worst step outside saves ms", "saves", "steps per save", "save window ms", "file MB"]))
     print("\nthe steps after a save's step s, median over saves, / median step: saving side / control at the "
           "same steps (s+1 holds the copy; a diagnosis tick due at s waits until s+1 is done)")
     print(table(after_rows, ["model"] + [f"s+{k}" for k in range(1, 7)]))
     print("\nhow many saves had a step over 3x the median step at s+k: saving side / control at the same steps")
     print(table(over_rows, ["model"] + [f"s+{k}" for k in range(1, 9)]))
+    print("\nsaves whose window held a step over 2x the median step (the target, per save): saving side, the "
+          "control at the same steps, the hand-written loop at the same places")
+    print(table(over2_rows, ["model", "saves", "saving side", "control", "hand-written loop"]))
     copy_rows = []
     for name in a.models.split(","):
         c = copy_part(name, 5 if a.quick else 40)
