@@ -27,6 +27,7 @@ each side is warm-up.
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import statistics
 import time
@@ -78,9 +79,10 @@ def measure(name: str, saves: int, every: int, writers: tuple[str, ...] = ("auto
             torch.set_num_threads(mine)
 
     firsts = _drive([*sides, b], saves, every, hand_chunk)
-    floor = _hand_floor(sides[0], firsts, hand_chunks[1:], every)
-    return [_figures(a, b, firsts, every) | floor | {"writer": w, "mode": a._writer.mode}
-            for a, w in zip(sides, writers)]
+    found = [_windows(a, firsts, every) for a in sides]
+    floor = _hand_floor(found[0], firsts, hand_chunks[1:])
+    return [_figures(a, b, firsts, every, f) | floor | {"writer": w, "mode": a._writer.mode}
+            for a, f, w in zip(sides, found, writers)]
 
 
 def _drive(trainers: list[Trainer], saves: int, every: int, hand: Callable[[], None] | None = None) -> set[int]:
@@ -109,15 +111,15 @@ def _drive(trainers: list[Trainer], saves: int, every: int, hand: Callable[[], N
     return firsts
 
 
-def _hand_floor(a: Trainer, firsts: set[int], chunks: list[list[float]], every: int) -> dict:
-    """The noise floor: the hand-written loop's (no workbench at all) longest step over each save's window,
-    taken at the same places in its own chunks (step s of the chunk that starts at step f is the loop's
-    (s - f)-th step of the same round), over its own median step."""
+def _hand_floor(windows: list[tuple[np.ndarray, float, int]], firsts: set[int], chunks: list[list[float]]) -> dict:
+    """The noise floor: the hand-written loop's (no workbench at all) longest step over each save's window
+    (``_windows``), taken at the same places in its own chunks (step s of the chunk that starts at step f is
+    the loop's (s - f)-th step of the same round), over its own median step."""
     starts = sorted(firsts)[1:]  # the timed chunks (chunk 0 is warm-up), as the loop's chunks
     worst = []
-    for steps, _, _ in _windows(a, firsts, every):
-        c = max((i for i, f in enumerate(starts) if f <= int(steps[0])), default=None)
-        if c is None or c >= len(chunks):
+    for steps, _, _ in windows:
+        c = bisect.bisect_right(starts, int(steps[0])) - 1
+        if not 0 <= c < len(chunks):
             continue
         offsets = [int(s) - starts[c] for s in steps if 1 <= int(s) - starts[c] <= len(chunks[c])]
         if offsets:
@@ -153,11 +155,11 @@ def _windows(a: Trainer, firsts: set[int], every: int) -> list[tuple[np.ndarray,
     return out
 
 
-def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int) -> dict:
+def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int, found: list[tuple[np.ndarray, float, int]]) -> dict:
+    """A's figures against B's at the same steps; ``found``: A's save windows (``_windows``)."""
     step_a, dt_a = _step_times(a, firsts)
     step_b, dt_b = _step_times(b, firsts)
     warm = every // 2 + every  # after the first (warm-up) chunk
-    found = _windows(a, firsts, every)
     windows = [w for w, _, _ in found]
     lengths = [n for _, n, _ in found]
     sizes = [z for _, _, z in found]
