@@ -129,6 +129,14 @@ class HandLoop:
         return out[0]
 
 
+def trainer_threads(tr: Trainer) -> int | None:
+    """The intra-op thread count a started CPU Trainer chose (its latest ``cpu_threads`` event); None on a GPU
+    run, which logs none."""
+    ev = tr.events
+    rows = ev.loc[ev["kind"] == "cpu_threads", "data"]
+    return rows.iloc[-1].get("intra_op_threads") if len(rows) else None
+
+
 def same_weights(*models: torch.nn.Module) -> bool:
     ref = list(models[0].parameters())
     return all(all(torch.equal(a.detach().cpu(), b.detach().cpu()) for a, b in zip(ref, m.parameters()))

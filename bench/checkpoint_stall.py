@@ -36,7 +36,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from _common import HandLoop, Trainer, env_line, notebook_warmup, run_trainer_chunk, runs_dir, table
+from _common import HandLoop, Trainer, env_line, notebook_warmup, run_trainer_chunk, runs_dir, table, \
+    trainer_threads
 
 MODELS = {"tiny": dict(width=64, bs=64), "medium": dict(width=1024, bs=128)}
 
@@ -65,14 +66,15 @@ def measure(name: str, saves: int, every: int, writers: tuple[str, ...] = ("auto
     hand = HandLoop(b.model, x, y, seed=b.cfg.seed, batch_size=b.cfg.batch_size, lr=b.cfg.lr, loss_fn=b.loss_fn,
                     device=b.device)
     hand_chunks: list[list[float]] = []
+    threads: list[int] = []  # the trainers' intra-op count, read once they have started
 
     def hand_chunk() -> None:
         # on the trainers' intra-op thread count (one for the tiny MLP): a team on every core meets more of
         # the machine's noise, and the floor is meant for the loop the trainers run
-        ev = b.events
-        threads = ev.loc[ev["kind"] == "cpu_threads", "data"].iloc[-1]["intra_op_threads"]
+        if not threads:
+            threads.append(trainer_threads(b))
         mine = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads[0])
         try:
             hand_chunks.append(hand.run(every))
         finally:
@@ -111,6 +113,11 @@ def _drive(trainers: list[Trainer], saves: int, every: int, hand: Callable[[], N
     return firsts
 
 
+def _warm_steps(every: int) -> int:
+    """The steps ``_drive`` runs before its first timed chunk: the half chunk, then chunk 0 (warm-up)."""
+    return every // 2 + every
+
+
 def _hand_floor(windows: list[tuple[np.ndarray, float, int]], firsts: set[int], chunks: list[list[float]]) -> dict:
     """The noise floor: the hand-written loop's (no workbench at all) longest step over each save's window
     (``_windows``), taken at the same places in its own chunks (step s of the chunk that starts at step f is
@@ -141,7 +148,7 @@ def _windows(a: Trainer, firsts: set[int], every: int) -> list[tuple[np.ndarray,
     hi = np.array([row_time[int(s)] for s in step_a])
     ev = a.events
     periodic = ev[(ev["kind"] == "checkpoint") & ev["data"].map(lambda d: d.get("reason") == "periodic")]
-    warm = every // 2 + every  # after the first (warm-up) chunk
+    warm = _warm_steps(every)
     out = []
     for _, row in periodic.iterrows():
         s = int(row["step"])
@@ -159,7 +166,7 @@ def _figures(a: Trainer, b: Trainer, firsts: set[int], every: int, found: list[t
     """A's figures against B's at the same steps; ``found``: A's save windows (``_windows``)."""
     step_a, dt_a = _step_times(a, firsts)
     step_b, dt_b = _step_times(b, firsts)
-    warm = every // 2 + every  # after the first (warm-up) chunk
+    warm = _warm_steps(every)
     windows = [w for w, _, _ in found]
     lengths = [n for _, n, _ in found]
     sizes = [z for _, _, z in found]

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from _common import HandLoop, Trainer, env_line, mean, median_ms, notebook_warmup, per_round_ratio, run_trainer_chunk, \
-    runs_dir, same_weights, table
+    runs_dir, same_weights, table, trainer_threads
 
 MODELS = {"tiny": dict(width=64, bs=64), "medium": dict(width=1024, bs=128), "amp": dict(width=4096, bs=512)}
 
@@ -85,9 +85,7 @@ def bench_model(name: str, device: str, rounds: int, chunk: int, tb_off: bool, s
     # last set in the process, so it runs the trainer's count while that one is live.
     equal = {k: same_weights(tr.model, m) for k, m in [*((k, h.model) for k, h in hand.items()),
                                                        *((k, t.model) for k, t in trainers.items() if t is not tr)]}
-    ev = tr.events
-    equal["trainer threads"] = ev.loc[ev["kind"] == "cpu_threads", "data"].iloc[0].get("intra_op_threads") \
-        if device == "cpu" else None
+    equal["trainer threads"] = trainer_threads(tr) if device == "cpu" else None
     pooled = {k: [x for r in v for x in r] for k, v in rounds_t.items()}
     raw = rounds_t["raw (main thread)"]
     return {"ms": {k: median_ms(v) for k, v in pooled.items()}, "mean": {k: mean(v) * 1e3 for k, v in pooled.items()},
