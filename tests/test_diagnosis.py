@@ -237,3 +237,65 @@ def test_a_check_put_off_by_a_step_still_sees_every_step_since_the_last_one() ->
     alert = det.check(signals(151))  # the check due at 150 ran at 151
     assert alert is not None and "at step 141" in alert.evidence
     assert det.check(signals(160)) is None  # steps 152-160 only: the spike is not reported again
+
+
+def _overfit_signals(val: list[float], train: list[float]):
+    """Signals after len(val) evals, one every 20 steps; ``train`` gives the train loss at each eval's step
+    (interpolated in between)."""
+    from workbench.diagnosis.base import Signals
+
+    es = np.arange(1, len(val) + 1, dtype=float) * 20
+    steps = np.arange(1, int(es[-1]) + 1, dtype=float)
+    loss = np.interp(steps, es, np.asarray(train, dtype=float))
+    return Signals(step=int(es[-1]), history={"train_loss": loss, "step": steps},
+                   evals={"val_loss": np.asarray(val, dtype=float), "step": es}, layers=None,
+                   task="classification", n_classes=10, planned_steps=None, controls={"lr": 1e-3},
+                   initial_loss=2.3)
+
+
+def _first_overfit_eval(val: list[float], train: list[float]) -> int | None:
+    from workbench.diagnosis.overfitting import Overfitting
+
+    det = Overfitting()
+    for n in range(1, len(val) + 1):
+        if det.check(_overfit_signals(val[:n], train[:n])) is not None:
+            return n
+    return None
+
+
+def test_overfitting_is_found_through_a_dip_in_the_val_loss() -> None:
+    """A val loss that climbs from 0.66 to 1.0 with one eval dipping on the way (the shape whose alert, read
+    as "rose 4 evals in a row", moved by hundreds of steps between CPU kernel families) fires as soon as the
+    median of the last evals is 10% above the best."""
+    val = [0.97, 0.73, 0.66, 0.74, 0.70, 0.71, 0.69, 0.90, 0.93, 1.00, 0.98, 0.98, 1.19]
+    train = [1.8, 1.5, 1.37, 1.25, 1.15, 1.05, 0.95, 0.81, 0.73, 0.64, 0.57, 0.44, 0.34]
+    assert _first_overfit_eval(val, train) == 9
+
+
+def test_overfitting_after_a_jump_then_a_slow_drift_back() -> None:
+    """Memorised at once: the val loss doubles in two evals, then eases down a little each eval."""
+    val = [0.87, 1.58, 1.74, 1.739, 1.726, 1.717, 1.712, 1.709]
+    train = [0.72, 0.0025, 1e-4, 1e-4, 5e-5, 5e-5, 4e-5, 4e-5]
+    assert _first_overfit_eval(val, train) == 6
+
+
+@pytest.mark.parametrize("val, train", [
+    # val wobbles 10-15% above its best at 0.063 with no upward trend (a healthy run near its floor)
+    ([0.29, 0.14, 0.12, 0.069, 0.067, 0.073, 0.069, 0.063, 0.073, 0.072, 0.065, 0.070, 0.071, 0.070, 0.072],
+     [0.34, 0.13, 0.076, 0.06, 0.026, 0.017, 0.010, 0.0066, 0.0044, 0.0042, 0.004, 0.0027, 0.0023, 0.0022,
+      0.0016]),
+    # val drifts up steadily but the train loss stands still: not memorising
+    ([0.24, 0.23, 0.19, 0.15, 0.11, 0.14, 0.10, 0.095, 0.095, 0.093, 0.102, 0.104, 0.105, 0.106, 0.108],
+     [0.37, 0.25, 0.21, 0.17, 0.12, 0.07, 0.062, 0.038, 0.039, 0.0395, 0.051, 0.041, 0.0445, 0.040, 0.039]),
+])
+def test_overfitting_stays_quiet_on_noise_and_on_a_flat_train_loss(val, train) -> None:
+    assert _first_overfit_eval(val, train) is None
+
+
+def test_kendall_tau() -> None:
+    from workbench.diagnosis.overfitting import kendall_tau
+
+    assert kendall_tau(np.arange(6.0)) == 1.0 and kendall_tau(-np.arange(6.0)) == -1.0
+    assert kendall_tau(np.array([1.0, 1.0, 1.0])) == 0.0 and kendall_tau(np.array([2.0])) == 0.0
+    assert kendall_tau(np.array([0.0, np.nan, 1.0, 2.0])) == 1.0
+    assert kendall_tau(np.array([0.0, 2.0, 1.0])) == pytest.approx(1 / 3)

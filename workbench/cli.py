@@ -11,7 +11,9 @@ import argparse
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
@@ -194,28 +196,41 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
                       "on_divergence=rollback to roll back and lower the lr automatically).", file=err)
             trainer.stop(source="cli")
 
+    # The first Ctrl-C only sets a flag, read between two polls: raised as KeyboardInterrupt it could land
+    # inside the progress bar's lock, and the bar would then wait for itself while the run stopped.
+    ctrl_c: list[float] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        ctrl_c.append(time.monotonic())
+        if len(ctrl_c) > 1:
+            raise KeyboardInterrupt  # the second one: stop waiting
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         try:
-            while trainer.is_alive:
+            while trainer.is_alive and not ctrl_c:
                 refresh()
                 report_alerts()
                 _sleep(poll)
         except KeyboardInterrupt:
+            ctrl_c.append(time.monotonic())
+        if ctrl_c and trainer.is_alive:
             interrupted = True
             trainer.stop(source="cli")
-            bar.clear()
             print("\nCtrl-C: stopping after the current step and saving a checkpoint "
                   "(press Ctrl-C again to quit without waiting)...", file=err, flush=True)
             try:
                 while trainer.is_alive:
                     _sleep(poll)
             except KeyboardInterrupt:
-                bar.close()
                 print(f"Quit without waiting; the newest complete checkpoint is in {trainer.checkpoint_dir}. "
                       f"Resume with: workbench resume {_quote(trainer.run_dir)}", file=err, flush=True)
                 return EXIT_INTERRUPTED
         refresh()
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         bar.close()
 
     try:

@@ -87,7 +87,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              dict(_BASE, dataset="digits", dataset_options={"label_noise": 0.4}, model="mlp",
                   model_options={"width": 512, "depth": 2}, lr=2e-3, max_steps=1500, max_epochs=None,
                   eval_every=25),
-             expect="overfitting", within=1500, also=("plateau", "underfitting")),
+             # Memorising at a constant lr, Adam can turn unstable once the train loss nears zero: on some CPU
+             # kernels' trajectories the loss then spikes and climbs 30-100x around step 1000. That is a real
+             # too-high lr for this phase (lowering the lr 10x at step 800 removes it), so it may be reported.
+             expect="overfitting", within=1500, also=("plateau", "underfitting", "lr_too_high", "loss_spike")),
     # ---------------------------------------------------------------- healthy runs (no warning should fire)
     Scenario("healthy", "A healthy run: digits, MLP, Adam",
              "Loss falls smoothly, val loss follows, update/weight ratios near 1e-3. Nothing to fix.",

@@ -1,0 +1,59 @@
+"""The tests whose verdict follows a float trajectory, again under other CPU kernel families.
+
+torch picks its vectorised ATen kernels (``ATEN_CPU_CAPABILITY``), MKL its GEMM code path
+(``MKL_ENABLE_INSTRUCTIONS``) and oneDNN its ISA (``ONEDNN_MAX_CPU_ISA``) from the CPU it runs on. Each
+family rounds differently, so over a thousand Adam steps two machines part ways: a detector verdict that
+holds on one CPU can fail on another. The rest of the suite runs on this machine's native kernels; these
+tests rerun the trajectory-dependent ones in a subprocess pinned to older families, so a verdict that
+holds only on one CPU fails here.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT
+
+FAMILIES = {
+    "default": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+                "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+ORDER = ["DEFAULT", "AVX2", "AVX512"]   # as torch.backends.cpu.get_cpu_capability() names them
+
+# Tests whose pass/fail depends on where a float trajectory goes (an alert's kind or step, a final loss or
+# accuracy, a finder's suggestion). The oldest family, the one furthest from a modern CPU's, reruns them
+# all; AVX2 reruns the teaching scenarios, the longest trajectories. Of the notebooks, those whose asserts
+# read a curve: the lr finder and divergence (02), overfitting and its fixes (03), vanishing gradients (04).
+NOTEBOOKS = [f"tests/test_notebooks.py::test_notebook_runs_top_to_bottom[{n}]"
+             for n in ("02_learning_rate", "03_overfitting", "04_vanishing_gradients")]
+TRAJECTORY_TESTS = {
+    "default": ["tests/scenarios", "tests/test_diagnosis.py", "tests/test_finders.py",
+                "tests/test_cli.py::test_scenario_runs_from_the_cli_and_reports_its_alert", *NOTEBOOKS],
+    "avx2": ["tests/scenarios"],
+}
+
+
+def _env(family: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in FAMILIES["default"]}
+    env.update(FAMILIES[family])
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_trajectory_dependent_tests_pass_on_another_kernel_family(family):
+    native = torch.backends.cpu.get_cpu_capability()
+    if native not in ORDER or ORDER.index(native) <= ORDER.index(family.upper()):
+        pytest.skip(f"this CPU's native kernels are {native}: the main suite already ran them")
+    probe = subprocess.run([PYTHON, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                           env=_env(family), capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == family.upper(), probe.stderr
+    done = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TRAJECTORY_TESTS[family]],
+                          cwd=ROOT, env=_env(family), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, f"under {family} kernels:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
