@@ -8,12 +8,15 @@ diagnosis ticks), so nothing has to be added to the engine to time it.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import workbench  # noqa: E402
 from workbench import Trainer  # noqa: E402
 from workbench.sampler import epoch_permutation  # noqa: E402
 
 DATE = "2026-11-25"
+PACKAGE = str(Path(workbench.__file__).parent)
 
 
 def notebook_warmup() -> None:
@@ -97,26 +102,39 @@ class HandLoop:
         """n optimizer steps; returns the n-1 times between consecutive step ends."""
         ends = []
         for _ in range(n):
-            if self.pos >= len(self.perm):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self.perm = epoch_permutation(len(self.x), self.seed, self.epoch).to(self.x.device)
-            idx = self.perm[self.pos:self.pos + self.bs]
-            self.pos += len(idx)
-            if self.amp_dtype is None:  # the plain loop a user writes
-                loss = self.loss_fn(self.model(self.x[idx]), self.y[idx])
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
-            else:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype):
-                    loss = self.loss_fn(self.model(self.x[idx]), self.y[idx])
-                self.opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.opt)
-                self.scaler.update()
+            self._step()
             self._sync()
             ends.append(time.perf_counter())
         return list(np.diff(ends))
+
+    def run_chunk(self, n: int) -> float:
+        """n optimizer steps with one device sync at the end (the loop's throughput, as a user's loop that
+        logs only now and then runs on a GPU); returns the chunk's wall seconds."""
+        self._sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self._step()
+        self._sync()
+        return time.perf_counter() - t0
+
+    def _step(self) -> None:
+        if self.pos >= len(self.perm):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.perm = epoch_permutation(len(self.x), self.seed, self.epoch).to(self.x.device)
+        idx = self.perm[self.pos:self.pos + self.bs]
+        self.pos += len(idx)
+        if self.amp_dtype is None:  # the plain loop a user writes
+            loss = self.loss_fn(self.model(self.x[idx]), self.y[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        else:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                loss = self.loss_fn(self.model(self.x[idx]), self.y[idx])
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
 
     def run_in_thread(self, n: int) -> list[float]:
         """The same loop in a plain, fresh ``threading.Thread`` (what the workbench does, minus the workbench),
@@ -135,6 +153,44 @@ def trainer_threads(tr: Trainer) -> int | None:
     ev = tr.events
     rows = ev.loc[ev["kind"] == "cpu_threads", "data"]
     return rows.iloc[-1].get("intra_op_threads") if len(rows) else None
+
+
+# The loop's read-back boundaries: where a Trainer reads device values back on purpose (every ``sync_every``
+# steps, layer statistics, evaluation, checkpoints, diagnosis and the good-state ring run only there).
+READ_BACK = ("_flush_pending", "_record_layers", "_evaluate", "_save_checkpoint", "_diagnose", "_keep_good_state")
+
+
+def host_syncs(tr: Trainer, n: int, debug: bool = True) -> dict[str, Any]:
+    """Run ``n`` steps of a paused CUDA Trainer under torch's sync debug mode and sort every synchronizing
+    call by where it came from: one of the loop's read-back boundaries (``READ_BACK``) or anywhere else.
+    ``other_sites`` names the workbench line nearest to each of the others. ``debug=False`` leaves the
+    mode alone (a CPU run has none: the same path, nothing to count)."""
+    seen: list[tuple[bool, str]] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):  # runs on the thread that synced
+        if "synchroniz" not in str(message):
+            return
+        frames = traceback.extract_stack()
+        names = {f.name for f in frames}
+        where = next((f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)
+                      if f.filename.startswith(PACKAGE)), "?")
+        seen.append((bool(names.intersection(READ_BACK)), where))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        if debug:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            req = tr.step(n).wait(600)
+        finally:
+            if debug:
+                torch.cuda.set_sync_debug_mode("default")
+    if req.status != "applied":
+        raise RuntimeError(f"step({n}) was {req.status}: {req.message}")
+    other = [w for rb, w in seen if not rb]
+    return {"steps": n, "read_back_syncs": len(seen) - len(other), "other_syncs": len(other),
+            "other_sites": dict(collections.Counter(other))}
 
 
 def same_weights(*models: torch.nn.Module) -> bool:
