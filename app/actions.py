@@ -1,15 +1,13 @@
-"""What the dashboard's buttons do, without drawing anything: launch, steer, diagnose, resume, fork.
+"""What the dashboard's buttons do, without drawing anything: read form values, and make one call on the
+engine's run handle (workbench.handle) for each click.
 
-Every function goes through the engine's public API. A run this process trains is steered by calling
-its ``Trainer`` (``set``, ``pause``, ``apply_action`` ...); a run trained by another process (the CLI, a
-notebook) is steered by posting to its run directory's inbox through ``RunView``. Either way the result is
-an :class:`Outcome` that says when the trainer applied the request, or why it refused it. Bad input raises
-the engine's ``ValueError``/``TypeError`` (the page shows its text).
+A run this process trains and a run another process trains (the CLI, a notebook) are steered the same way:
+``open_run(run_dir).ask(action, args)``; the handle checks the request and says when the trainer applied it,
+or why it refused. Bad input raises the engine's ``ValueError``/``TypeError``, which the page shows.
 """
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,46 +15,38 @@ from typing import Any, Mapping
 
 import yaml
 
-from workbench import registry
+from workbench import handle
 from workbench.config import TrainConfig, parse_override
-from workbench.controls import CONTROL_NAMES, Request
-from workbench.rundir import new_run_dir
-from workbench.trainer import Trainer
+from workbench.controls import CONTROL_NAMES
 
-from . import settings, sources
+from . import settings
 
 WAIT_S = 2.0          # how long a click waits for the trainer to apply a request before showing "pending"
 
 
 @dataclass
 class Outcome:
-    """A request the dashboard sent, and how to read its fate (in-process Request or inbox id)."""
+    """A request the dashboard sent: what it asked, in words, and its ticket (workbench.handle.Ticket)."""
 
     run_dir: str
     what: str
-    request: Request | None = None
-    inbox_id: int | None = None
+    ticket: Any
     created: float = field(default_factory=time.time)
 
     def state(self) -> dict[str, Any]:
-        """``{"status": pending | applied | refused, "step": int | None, "message": str}``."""
-        if self.request is not None:
-            r = self.request
-            return {"status": r.status, "step": r.step, "message": r.message}
-        if self.inbox_id is not None:
-            try:
-                rec = sources.watched(self.run_dir).view.request(self.inbox_id)
-            except Exception as e:  # noqa: BLE001 - the run folder may have gone
-                return {"status": "unknown", "step": None, "message": str(e)}
-            return {"status": rec["status"], "step": rec["step"], "message": rec["message"]}
-        return {"status": "applied", "step": None, "message": ""}
+        """``{"status": pending | applied | refused | unknown, "step": int | None, "message": str}``."""
+        try:
+            return self.ticket.state()
+        except Exception as e:  # noqa: BLE001 - the run folder may have gone since
+            return {"status": "unknown", "step": None, "message": str(e)}
 
     def text(self) -> str:
         """One line for the page: what, and its fate."""
         s = self.state()
         if s["status"] == "applied":
             where = f" at step {s['step']}" if s["step"] is not None else ""
-            extra = f" ({s['message']})" if s["message"] else ""
+            extra = f" ({Path(s['message']).name if self.what == 'save checkpoint' else s['message']})" \
+                if s["message"] else ""
             return f"{self.what}: applied{where}{extra}"
         if s["status"] == "refused":
             return f"{self.what}: refused — {s['message']}"
@@ -81,8 +71,8 @@ def changed_controls(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> d
     out: dict[str, Any] = {}
     for name, raw in wanted.items():
         value = parse_value(name, raw)
-        if name == "lr" and value is None:
-            value = raw  # an empty lr is an error the engine names, not "no change"
+        if name in ("lr", "weight_decay") and value is None:
+            value = raw  # an empty number is an error the engine names, not "no change"
         if not _same(current.get(name), value):
             out[name] = value
     return out
@@ -99,88 +89,38 @@ def _describe(changes: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- steering
-def _reachable(run_dir: str) -> sources.WatchedRun:
-    """The WatchedRun of a run another process trains, or an error saying why it cannot be steered."""
-    w = sources.watched(run_dir)
-    w.refresh()
-    meta = w.meta
-    status = str(meta.get("status", "unknown"))
-    if status in sources.ENDED:
-        raise RuntimeError(f"the run has ended (status {status}); fork it from a checkpoint to continue with "
-                           f"other controls")
-    who = sources.owner(run_dir, meta)
-    if not who["alive"]:
-        raise RuntimeError(f"no process is training this run (its trainer, pid {who['pid']}, is gone); resume it "
-                           f"from the Checkpoints tab")
-    return w
+def ask(run_dir: str, action: str, args: Mapping[str, Any] | None, what: str, wait: float = WAIT_S) -> Outcome:
+    """Post one request of the engine's vocabulary to the run and wait up to ``wait`` s for its fate."""
+    ticket = handle.open_run(run_dir).ask(action, args, source="dashboard")
+    return Outcome(run_dir, what, ticket.wait(wait))
 
 
 def apply_controls(run_dir: str, changes: Mapping[str, Any], wait: float = WAIT_S) -> Outcome:
-    """Change live controls of a run: ``Trainer.set`` in this process, else the run's inbox."""
+    """Change live controls of a run."""
     if not changes:
         raise ValueError(f"set: no control changed; allowed: {', '.join(CONTROL_NAMES)}")
-    what = _describe(changes)
-    tr = registry.get(run_dir)
-    if tr is not None:
-        req = tr.set(source="dashboard", **changes).wait(wait)
-        return Outcome(run_dir, what, request=req)
-    w = _reachable(run_dir)
-    rid = w.view.set(source="dashboard", **changes)
-    w.view.wait(rid, wait)
-    return Outcome(run_dir, what, inbox_id=rid)
+    return ask(run_dir, "set", changes, _describe(changes), wait)
 
 
 def command(run_dir: str, action: str, n: int = 1, tag: str | None = None, wait: float = WAIT_S) -> Outcome:
-    """pause, resume, step (n), stop or checkpoint (tag) a run, in this process or through its inbox."""
-    what = f"step {n}" if action == "step" else "save checkpoint" if action == "checkpoint" else action
-    tr = registry.get(run_dir)
-    if tr is not None:
-        if action == "checkpoint":
-            path = tr.save_checkpoint(tag=tag or None, source="dashboard", timeout=30.0)
-            req = Request("checkpoint", source="dashboard")
-            req.resolve("applied", tr.step_count, Path(path).name)
-            return Outcome(run_dir, what, request=req)
-        if action == "step":
-            req = tr.step(n, source="dashboard")
-        elif action in ("pause", "resume", "stop"):
-            req = getattr(tr, action)(source="dashboard")
-        else:
-            raise ValueError(f"action: got {action!r}; allowed: pause, resume, step, stop, checkpoint")
-        return Outcome(run_dir, what, request=req.wait(wait))
-    w = _reachable(run_dir)
+    """pause, resume, step (n), stop or checkpoint (tag) a run."""
     args: dict[str, Any] = {"n": n} if action == "step" else {"tag": tag} if action == "checkpoint" and tag else {}
-    rid = w.view.command(action, source="dashboard", **args)
-    w.view.wait(rid, wait)
-    return Outcome(run_dir, what, inbox_id=rid)
+    what = f"step {n}" if action == "step" else "save checkpoint" if action == "checkpoint" else action
+    return ask(run_dir, action, args, what, wait)
 
 
-# ---------------------------------------------------------------------------- diagnosis
 def apply_alert_action(run_dir: str, alert: Mapping[str, Any], index: int, wait: float = WAIT_S) -> Outcome:
-    """One click on an alert's suggested action (a rollback included): ``apply_action`` in this process, else
-    the same through the run's inbox (the trainer checks the alert and the action and says why it refuses)."""
+    """One click on an alert's suggested action (a rollback included); the trainer checks that the alert and
+    the action exist and says why it refuses."""
     actions = alert.get("actions") or []
-    if not 0 <= index < len(actions):
-        raise ValueError(f"index: got {index!r}; allowed: 0 to {len(actions) - 1}")
-    what = f"{alert['kind']}: {actions[index]['label']}"
-    tr = registry.get(run_dir)
-    if tr is not None:
-        return Outcome(run_dir, what, request=tr.apply_action(int(alert["id"]), index, source="dashboard").wait(wait))
-    w = _reachable(run_dir)
-    rid = w.view.apply_action(int(alert["id"]), index, source="dashboard")
-    w.view.wait(rid, wait)
-    return Outcome(run_dir, what, inbox_id=rid)
+    label = actions[index]["label"] if 0 <= index < len(actions) else f"action {index}"
+    return ask(run_dir, "alert_action", {"alert": int(alert["id"]), "index": index}, f"{alert['kind']}: {label}",
+               wait)
 
 
 def dismiss_alert(run_dir: str, alert_id: int, wait: float = WAIT_S) -> Outcome:
-    """Mark an alert a false alarm: ``dismiss`` in this process, else through the run's inbox."""
-    what = f"dismiss alert {alert_id}"
-    tr = registry.get(run_dir)
-    if tr is not None:
-        return Outcome(run_dir, what, request=tr.dismiss(int(alert_id), source="dashboard").wait(wait))
-    w = _reachable(run_dir)
-    rid = w.view.dismiss(int(alert_id), source="dashboard")
-    w.view.wait(rid, wait)
-    return Outcome(run_dir, what, inbox_id=rid)
+    """Mark an alert a false alarm."""
+    return ask(run_dir, "dismiss", {"alert": int(alert_id)}, f"dismiss alert {alert_id}", wait)
 
 
 # ---------------------------------------------------------------------------- launching
@@ -228,64 +168,6 @@ def build_config(base: TrainConfig, fields: Mapping[str, Any], overrides: str = 
     return TrainConfig.from_dict(values)
 
 
-def launch(cfg: TrainConfig, paused: bool = False) -> Trainer:
-    """Create the run (new directory under ``cfg.runs_root``), register it process-wide and start it."""
-    tr = Trainer(cfg)
-    registry.add(tr)
-    tr.start(paused=paused)
-    return tr
-
-
-def start_demo(runs_root: str) -> Trainer:
+def start_demo(runs_root: str) -> Any:
     """The demo run (configs/demo.yaml: digits, MLP, Adam, warmup-cosine) under ``runs_root``."""
-    return launch(TrainConfig.from_yaml(settings.DEMO_CONFIG).replace(runs_root=runs_root, run_dir=None))
-
-
-# ---------------------------------------------------------------------------- checkpoints: resume and fork
-def _not_running(run_dir: str) -> None:
-    tr = registry.get(run_dir)
-    if tr is not None and tr.is_alive:
-        raise ValueError(f"the run is still going in this app (status {tr.status}); stop it first, or fork it")
-    if tr is None:
-        who = sources.owner(run_dir)
-        if who["alive"]:
-            raise ValueError(f"the run is still going in another process (pid {who['pid']}); stop it first, "
-                             f"or fork it")
-
-
-def resume(run_dir: str, checkpoint: str | None = None, paused: bool = False) -> Trainer:
-    """Continue an ended run in its own directory from ``checkpoint`` (default: its newest intact one)."""
-    _not_running(run_dir)
-    tr = Trainer.from_checkpoint(checkpoint or run_dir)
-    if registry.key(tr.run_dir) != registry.key(run_dir):
-        raise ValueError(f"checkpoint {checkpoint} belongs to run {tr.run_dir}, not {run_dir}")
-    sources.forget(run_dir)
-    registry.add(tr)
-    tr.start(paused=paused)
-    return tr
-
-
-def fork(run_dir: str, checkpoint: str, changes: Mapping[str, Any], runs_root: str) -> Trainer:
-    """A new run from ``checkpoint`` of ``run_dir`` with changed controls; it records its parent run and step."""
-    from workbench.controls import validate_controls
-    import torch
-
-    meta = sources.watched(run_dir).meta if registry.get(run_dir) is None else {}
-    tr = registry.get(run_dir)
-    n_train = len(tr.train_data) if tr is not None else int(meta.get("n_train", 2**62))
-    device = tr.device if tr is not None else torch.device("cpu")
-    clean = validate_controls(changes, n_train=n_train, device=device) if changes else {}
-    target = new_run_dir(runs_root, f"{Path(run_dir).name}-fork")
-    try:
-        if tr is not None:
-            child = tr.fork(checkpoint=checkpoint, run_dir=target, source="dashboard", **clean)
-        else:
-            child = Trainer.from_checkpoint(checkpoint, run_dir=target)
-            if clean:
-                child.set(source="dashboard", **clean)
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        raise
-    registry.add(child)
-    child.start()
-    return child
+    return handle.launch(TrainConfig.from_yaml(settings.DEMO_CONFIG).replace(runs_root=runs_root, run_dir=None))

@@ -11,7 +11,7 @@ IGNORED_PREFIXES = ("resolved.versions", "run_dir")   # always differ, or say no
 
 
 def metrics_row(name: str, source: Any) -> dict[str, Any]:
-    """Final and best numbers of one run (a Trainer or a WatchedRun)."""
+    """Final and best numbers of one run (a run handle: workbench.handle)."""
     snap = source.snapshot()
     ev = source.evals
     row: dict[str, Any] = {"run": name, "status": snap.get("status"), "steps": snap.get("step"),

@@ -1,7 +1,7 @@
-"""The live view's data and figures: one function from a run source to everything the fragment draws.
+"""The live view's data and figures: one function from a run handle to everything the fragment draws.
 
-``live_payload(source)`` refreshes the source (incrementally), takes its status snapshot, builds the
-downsampled ``ChartData`` with ``workbench.runview.chart_data`` and the plotly figures with the
+``live_payload(run)`` refreshes the run handle (incrementally), takes its status snapshot, builds the
+downsampled ``ChartData`` with ``workbench.chartdata.chart_data`` and the plotly figures with the
 builders shared with the notebook views (``workbench.figures``). It never calls streamlit, so the
 benchmark (bench/dashboard_refresh.py) times exactly what a refresh of the page computes.
 """
@@ -19,44 +19,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from workbench import figures
-from workbench.runview import MARKER_KINDS, ChartData, chart_data
+from workbench.chartdata import ChartData, chart_data
 
 N_OUT = 2000            # points per trace
 RECENT_EVENTS = 8
-MAX_CHANGE_MARKERS = 40       # newest control changes, alerts, rollbacks, ... drawn on the charts
-MAX_CHECKPOINT_MARKERS = 12   # newest checkpoints (periodic ones would crowd a long run's charts)
-
-
-class ChartSource:
-    """What ``chart_data`` reads from a run, with the event log thinned to the markers worth drawing.
-
-    Every marker is a plotly shape on every chart, and a shape costs ~0.1 ms to build: a long run with a
-    checkpoint every few thousand steps would otherwise spend more time on markers than on curves.
-    """
-
-    def __init__(self, source: Any) -> None:
-        self.source = source
-
-    def series(self, y: str, n_out: int = N_OUT) -> Any:
-        return self.source.series(y, n_out)
-
-    @property
-    def layer_history(self) -> pd.DataFrame:
-        return self.source.layer_history
-
-    @property
-    def events(self) -> pd.DataFrame:
-        return thin_markers(self.source.events)
-
-
-def thin_markers(events: pd.DataFrame) -> pd.DataFrame:
-    """The marker events to draw: the newest checkpoints and the newest other changes, in log order."""
-    if events.empty:
-        return events
-    ev = events[events["kind"].isin(MARKER_KINDS)]
-    ckpt = ev["kind"] == "checkpoint"
-    keep = pd.concat([ev[ckpt].tail(MAX_CHECKPOINT_MARKERS), ev[~ckpt].tail(MAX_CHANGE_MARKERS)])
-    return keep.sort_index()
 
 
 @dataclass
@@ -123,13 +89,12 @@ def build_figures(key: str, data: ChartData, log_y: bool = True) -> dict[str, go
     return out
 
 
-def live_payload(source: Any, log_y: bool = True, n_out: int = N_OUT, cache: bool = True) -> LivePayload:
-    """Refresh ``source`` (a Trainer or an app.sources.WatchedRun) and build the live view's figures."""
-    if hasattr(source, "refresh"):
-        source.refresh()
-    snap = source.snapshot()
-    data = chart_data(ChartSource(source), n_out=n_out)
-    key = str(getattr(source, "run_dir", id(source)))
+def live_payload(run: Any, log_y: bool = True, n_out: int = N_OUT, cache: bool = True) -> LivePayload:
+    """Refresh ``run`` (a run handle: workbench.handle) and build the live view's figures."""
+    run.refresh()
+    snap = run.snapshot()
+    data = chart_data(run, n_out=n_out)
+    key = str(run.run_dir)
     figs = build_figures(key, data, log_y) if cache else figures.all_figures(data, log_y=log_y)
     _, lr = data.series.get("lr", ([], []))
     lr_now = float(lr[-1]) if len(lr) and math.isfinite(float(lr[-1])) else None

@@ -156,8 +156,22 @@ def trainer_threads(tr: Trainer) -> int | None:
 
 
 # The loop's read-back boundaries: where a Trainer reads device values back on purpose (every ``sync_every``
-# steps, layer statistics, evaluation, checkpoints, diagnosis and the good-state ring run only there).
-READ_BACK = ("_flush_pending", "_record_layers", "_evaluate", "_save_checkpoint", "_diagnose", "_keep_good_state")
+# steps, layer statistics, evaluation, checkpoints, diagnosis and the good-state ring run only there), as
+# (module, class, function).
+READ_BACK = (("runlog", "RunLog", "flush"), ("runlog", "RunLog", "record_layers"), ("loop", "Loop", "evaluate"),
+             ("checkpointing", "Checkpointer", "save"), ("watch", "Watch", "check"), ("rollback", "GoodStates", "keep"))
+
+
+def read_back_missing() -> list[str]:
+    """The READ_BACK entries that no longer name a function of the engine (the list must follow renames)."""
+    import importlib
+
+    missing = []
+    for module, cls, fn in READ_BACK:
+        owner = getattr(importlib.import_module(f"workbench.{module}"), cls, None)
+        if owner is None or not callable(getattr(owner, fn, None)):
+            missing.append(f"workbench.{module}.{cls}.{fn}")
+    return missing
 
 
 def host_syncs(tr: Trainer, n: int, debug: bool = True) -> dict[str, Any]:
@@ -170,11 +184,10 @@ def host_syncs(tr: Trainer, n: int, debug: bool = True) -> dict[str, Any]:
     def show(message, category, filename, lineno, file=None, line=None):  # runs on the thread that synced
         if "synchroniz" not in str(message):
             return
-        frames = traceback.extract_stack()
-        names = {f.name for f in frames}
-        where = next((f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)
-                      if f.filename.startswith(PACKAGE)), "?")
-        seen.append((bool(names.intersection(READ_BACK)), where))
+        frames = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
+        at = {(Path(f.filename).stem, f.name) for f in frames}
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+        seen.append((any((m, fn) in at for m, _, fn in READ_BACK), where))
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

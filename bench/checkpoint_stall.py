@@ -83,7 +83,7 @@ def measure(name: str, saves: int, every: int, writers: tuple[str, ...] = ("auto
     firsts = _drive([*sides, b], saves, every, hand_chunk)
     found = [_windows(a, firsts, every) for a in sides]
     floor = _hand_floor(found[0], firsts, hand_chunks[1:])
-    return [_figures(a, b, firsts, every, f) | floor | {"writer": w, "mode": a._writer.mode}
+    return [_figures(a, b, firsts, every, f) | floor | {"writer": w, "mode": a.checkpointer.mode}
             for a, f, w in zip(sides, found, writers)]
 
 
@@ -92,7 +92,7 @@ def _drive(trainers: list[Trainer], saves: int, every: int, hand: Callable[[], N
     its middle, ``saves`` timed chunks after one of warm-up; stop them. ``hand``, when given, runs one chunk
     of the hand-written loop after the trainers' chunks, after the same pause. Returns the first step number
     of every chunk (the same on every side; its interval holds the pause between chunks)."""
-    if any(tr._writer.mode == "process" for tr in trainers):  # the writer process imports torch (~1 s) first
+    if any(tr.checkpointer.mode == "process" for tr in trainers):  # the writer process imports torch (~1 s) first
         from workbench.ckptproc import client
         client().ready.wait(60)
     firsts: set[int] = set()
@@ -207,7 +207,7 @@ def copy_part(name: str, reps: int) -> dict:
     as the trainer did it before (``ck.has_nonfinite`` + ``ck.to_cpu``: fresh tensors each save) and
     as it does now (fused norms, then a copy into the previous save's buffers). Interleaved, medians."""
     from workbench import checkpoint as ck
-    from workbench.trainer import _host_copy, _nonfinite
+    from workbench.checkpointing import host_copy, nonfinite
 
     spec = MODELS[name]
     tr = Trainer(dataset="digits", model="mlp", model_options={"depth": 2, "width": spec["width"]}, val_fraction=0.0,
@@ -222,8 +222,8 @@ def copy_part(name: str, reps: int) -> dict:
         ck.has_nonfinite(state["state"]["model"])
         ck.to_cpu(state)
         t1 = time.perf_counter()
-        _nonfinite(state["state"]["model"])
-        _host_copy(state, buffers)
+        nonfinite(state["state"]["model"])
+        host_copy(state, buffers)
         t2 = time.perf_counter()
         if r:
             old.append(t1 - t0)
@@ -236,7 +236,8 @@ def breakdown(name: str, saves: int, every: int) -> tuple[list[list], float, flo
     there two to three times what it costs called again and again alone: after ``every`` steps of
     training its code and data are out of the caches). Each part is timed only while a periodic save
     runs; figures are medians over saves. Returns (rows, median save ms, median step ms)."""
-    import workbench.trainer as T
+    import workbench.checkpointing as C
+    from workbench.runlog import RunLog
 
     tr = _trainer(name, every)
     times: dict[str, list[float]] = {}
@@ -259,7 +260,7 @@ def breakdown(name: str, saves: int, every: int) -> tuple[list[list], float, flo
         undo.append((owner, attr, attr in own, own.get(attr)))
         setattr(owner, attr, wrapper)
 
-    save = T.Trainer._save_checkpoint
+    save = C.Checkpointer.save
 
     def saving(self, **kwargs):
         in_save[0] = True
@@ -270,19 +271,19 @@ def breakdown(name: str, saves: int, every: int) -> tuple[list[list], float, flo
             times.setdefault("whole save", []).append(time.perf_counter() - t0)
             in_save[0] = False
 
-    parts = [(T.Trainer, "_flush_pending", "flush of queued step rows"),
-             (T.Trainer, "_component_states", "state dicts, all components"),
-             *[(comp, "state_dict", f"  state dict: {n}") for n, comp in tr._stateful.items()],
-             (T, "_nonfinite", "NaN/inf check of the weights"),
-             (T, "_host_copy", "host copy + message (walk, fused copy)"),
-             (type(tr._writer), "submit", "hand-off to the writer")]
-    T.Trainer._save_checkpoint = saving
+    parts = [(RunLog, "flush", "flush of queued step rows"),
+             (C.Checkpointer, "states", "state dicts, all components"),
+             *[(comp, "state_dict", f"  state dict: {n}") for n, comp in tr.checkpointer.parts.items()],
+             (C, "nonfinite", "NaN/inf check of the weights"),
+             (C, "host_copy", "host copy + message (walk, fused copy)"),
+             (type(tr.checkpointer.writer), "submit", "hand-off to the writer")]
+    C.Checkpointer.save = saving
     try:
         for owner, attr, label in parts:
             timed(owner, attr, label)
         _drive([tr], saves, every)
     finally:
-        T.Trainer._save_checkpoint = save
+        C.Checkpointer.save = save
         for owner, attr, had, original in reversed(undo):
             if had:
                 setattr(owner, attr, original)

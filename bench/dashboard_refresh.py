@@ -4,7 +4,7 @@ Builds a run directory whose run.db holds N step rows (default 1,000,000) writte
 ``RunDB.insert_steps`` — a SYNTHETIC but realistic run: a noisy exponentially decaying loss with rare
 spikes, a warmup-cosine lr, grad norms, evals every 50 steps, per-layer stats of 6 tensors every 25 steps,
 control/checkpoint/alert events — then times the function the live fragment runs on each refresh,
-``app.live.live_payload`` (WatchedRun/RunView refresh + ``chart_data`` + every figure of
+``app.live.live_payload`` (the run handle's refresh + ``chart_data`` + every figure of
 ``workbench.figures``), as the dashboard watches a run trained by another process.
 
     .venv/bin/python bench/dashboard_refresh.py            # 10^6 rows (about a minute to build)
@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app import live  # noqa: E402
-from app.sources import WatchedRun  # noqa: E402
+from workbench.handle import RemoteRun  # noqa: E402
 from workbench import figures  # noqa: E402
 from workbench.config import TrainConfig  # noqa: E402
 from workbench.rundir import RunDB  # noqa: E402
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(LAYERS)} layer rows every {LAYER_EVERY} steps, events) in {build_s:.1f} s -> {run}")
 
     live.freeze_long_lived()   # as the dashboard does once per process, after its imports
-    w = WatchedRun(run)
+    w = RemoteRun(run)
     t0 = time.perf_counter()
     p = live.live_payload(w)
     first_ms = (time.perf_counter() - t0) * 1e3

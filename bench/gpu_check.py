@@ -56,7 +56,7 @@ sys.meta_path.insert(0, _BlockViews())
 
 import torch  # noqa: E402
 
-from _common import READ_BACK, HandLoop, Trainer, env_line, host_syncs, runs_dir, trainer_step_times  # noqa: E402
+from _common import HandLoop, Trainer, env_line, host_syncs, read_back_missing, runs_dir, trainer_step_times  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,7 +118,7 @@ def finish(*trainers: Trainer) -> None:
 
 # ---------------------------------------------------------------------------------------------- sections
 def syncs(c: Check) -> dict[str, Any]:
-    missing = [name for name in READ_BACK if not hasattr(Trainer, name)]
+    missing = read_back_missing()
     if missing:
         raise AssertionError(f"bench/_common.READ_BACK names loop functions that no longer exist: {missing}")
     out: dict[str, Any] = {}

@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 
 from _common import env_line, table
 from workbench.metrics import SeriesStore
-from workbench.trainer import STEP_COLUMNS
+from workbench.runlog import STEP_COLUMNS
 
 SIZES = (10**3, 10**5, 10**6)
 
@@ -53,7 +53,7 @@ def shared_figure(x: np.ndarray, y: np.ndarray) -> go.Figure:
     import pandas as pd
 
     from workbench.figures import loss_figure
-    from workbench.runview import ChartData
+    from workbench.chartdata import ChartData
 
     return loss_figure(ChartData(series={"train_loss": (x, y)}, layers=pd.DataFrame()))
 

@@ -16,7 +16,7 @@ import torch
 
 from workbench import Trainer
 from workbench.checkpoint import CheckpointError, Pacer, RNGState, atomic_save, load_checkpoint
-from workbench.trainer import _host_copy
+from workbench.checkpointing import host_copy as _host_copy
 from workbench.rundir import RunDB
 
 from conftest import PYTHON, ROOT

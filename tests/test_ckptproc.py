@@ -13,7 +13,7 @@ import torch
 from workbench import Trainer
 from workbench import ckptproc
 from workbench.checkpoint import AsyncWriter, atomic_save, load_checkpoint
-from workbench.trainer import _host_copy
+from workbench.checkpointing import host_copy as _host_copy
 
 pytestmark = pytest.mark.skipif(ckptproc.unsupported() is not None, reason=str(ckptproc.unsupported()))
 
@@ -101,7 +101,7 @@ def test_a_lost_writer_process_is_replaced_by_the_thread(tmp_path):
     tr = Trainer(dataset="digits", model="mlp", model_options={"width": 32}, max_steps=400, max_epochs=None,
                  batch_size=32, eval_every=0, seed=3, run_dir=str(tmp_path / "run"), tensorboard=False,
                  checkpoint_every=20, keep_checkpoints=1000)
-    assert tr._writer.mode == "process"
+    assert tr.checkpointer.mode == "process"
     killed = threading.Event()
 
     def kill(ctx):
@@ -125,7 +125,7 @@ def test_a_lost_writer_process_is_replaced_by_the_thread(tmp_path):
                   batch_size=32, eval_every=0, seed=3, run_dir=str(tmp_path / "run2"), tensorboard=False,
                   checkpoint_every=10)
     tr2.run()
-    assert tr2._writer.mode == "process" and not ckptproc.client().ended
+    assert tr2.checkpointer.mode == "process" and not ckptproc.client().ended
     ev2 = tr2.events
     assert ev2[ev2["kind"] == "checkpoint_writer"].empty
 
@@ -136,7 +136,7 @@ def test_resume_from_a_process_written_checkpoint_matches_a_thread_written_one(t
                   keep_checkpoints=100)
     a = Trainer(run_dir=str(tmp_path / "a"), checkpoint_writer="process", **common).run()
     b = Trainer(run_dir=str(tmp_path / "b"), checkpoint_writer="thread", **common).run()
-    assert a._writer.mode == "process" and b._writer.mode == "thread"
+    assert a.checkpointer.mode == "process" and b.checkpointer.mode == "thread"
     ca = load_checkpoint(tmp_path / "a" / "checkpoints" / "step-00000030.pt")
     cb = load_checkpoint(tmp_path / "b" / "checkpoints" / "step-00000030.pt")
     for k in ca["state"]["model"]:

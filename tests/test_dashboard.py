@@ -20,7 +20,9 @@ WORKBENCH = Path(sys.executable).with_name("workbench")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from app import live, sources  # noqa: E402
+from app import live  # noqa: E402
+from workbench import handle, runs  # noqa: E402
+from workbench.runview import RunView  # noqa: E402
 
 
 def wait_for(pred, timeout: float = 20.0, poll: float = 0.05):
@@ -56,7 +58,8 @@ def app(runs_root, monkeypatch, cli_run):  # cli_run: start the CLI process earl
     at = AppTest.from_file(str(APP), default_timeout=60)
     yield at
     registry.stop_all(under=runs_root)
-    sources.clear_cache()
+    handle.close_all()
+    runs.clear_cache()
 
 
 def only_trainer(root: Path):
@@ -164,15 +167,15 @@ def test_runs_list_shows_a_run_from_a_separate_cli_process(app, cli_run, monkeyp
     assert len(row) == 1 and row["status"].iloc[0] == "finished" and int(row["step"].iloc[0]) == 20
 
     # the live view's data+figures function (what the fragment refreshes) on that run, read from its directory
-    p = live.live_payload(sources.get_source(root / name))
+    p = live.live_payload(handle.open_run(root / name))
     assert p.snapshot["status"] == "finished" and p.snapshot["step"] == 20
     assert set(p.figures) == {"loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio"}
     assert 0 < p.data.points <= live.N_OUT
     assert any(m["kind"] == "checkpoint" for m in p.data.markers)
     # a refresh with nothing new reuses the figures; they are the ones the shared builders draw
-    again = live.live_payload(sources.get_source(root / name))
+    again = live.live_payload(handle.open_run(root / name))
     assert all(again.figures[k] is p.figures[k] for k in p.figures)
-    fresh = live.live_payload(sources.get_source(root / name), cache=False)
+    fresh = live.live_payload(handle.open_run(root / name), cache=False)
     assert all(fresh.figures[k].to_json() == p.figures[k].to_json() for k in p.figures)
     # an ended run in another process cannot be steered: the controls say why (disabled, with a note)
     assert app.button(key="ctl_apply").disabled
@@ -186,7 +189,7 @@ def test_steer_a_run_in_another_process_through_its_inbox(app, tmp_path, monkeyp
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         run = wait_for(lambda: next((p for p in root.glob("*/run.db")), None), timeout=60).parent
-        wait_for(lambda: sources.watched(run).meta.get("status") == "running", timeout=60)
+        wait_for(lambda: handle.open_run(run).meta.get("status") == "running", timeout=60)
         monkeypatch.setenv("WORKBENCH_RUNS", str(root))
         app.run()
         assert not app.exception and not errors(app)
@@ -194,11 +197,11 @@ def test_steer_a_run_in_another_process_through_its_inbox(app, tmp_path, monkeyp
         app.text_input(key="ctl_lr").set_value("0.002")
         app.button(key="ctl_apply").click().run()
         assert not app.exception and not errors(app)
-        view = sources.watched(run).view
-        rid = app.session_state["requests"][-1].inbox_id
+        view = handle.open_run(run)
+        rid = app.session_state["requests"][-1].ticket.id
         rec = wait_for(lambda: (r := view.request(rid))["status"] != "pending" and r, timeout=20)
         assert rec["status"] == "applied" and rec["source"] == "dashboard"
-        wait_for(lambda: sources.watched(run).meta["controls"]["lr"] == pytest.approx(0.002), timeout=20)
+        wait_for(lambda: handle.open_run(run).meta["controls"]["lr"] == pytest.approx(0.002), timeout=20)
         app.run()
         assert app.text_input(key="ctl_lr").value == "0.002"
         app.text_input(key="ctl_lr").set_value("0")
@@ -206,7 +209,7 @@ def test_steer_a_run_in_another_process_through_its_inbox(app, tmp_path, monkeyp
         assert any("lr: got 0.0; allowed: a number > 0" in e for e in errors(app)), errors(app)
         app.button(key="cmd_stop").click().run()
         assert proc.wait(60) == 0
-        w = sources.WatchedRun(run)
+        w = RunView(run)
         assert w.meta["status"] == "stopped"
         w.close()
     finally:
@@ -224,8 +227,8 @@ def test_roll_back_and_dismiss_an_alert_of_a_run_in_another_process(app, tmp_pat
     try:
         run = wait_for(lambda: next((p for p in root.glob("*/run.db")), None), timeout=60).parent
 
-        def fresh() -> sources.WatchedRun:
-            w = sources.watched(run)
+        def fresh() -> RunView:
+            w = handle.open_run(run)
             w.refresh()
             return w
 
@@ -235,10 +238,10 @@ def test_roll_back_and_dismiss_an_alert_of_a_run_in_another_process(app, tmp_pat
         assert not app.exception and not errors(app)
         alert = next(a for a in fresh().alerts if a["kind"] == "divergence")
         back = next(i for i, act in enumerate(alert["actions"]) if act.get("rollback"))
-        view = sources.watched(run).view
+        view = handle.open_run(run)
 
         def outcome() -> dict:
-            rid = app.session_state["requests"][-1].inbox_id
+            rid = app.session_state["requests"][-1].ticket.id
             return wait_for(lambda: (r := view.request(rid))["status"] != "pending" and r, timeout=20)
 
         app.button(key=f"alert_{alert['id']}_act_{back}").click().run()
@@ -295,7 +298,7 @@ def test_diagnosis_action_checkpoint_fork_and_compare(app, runs_root):
     # stop the parent, then resume it from its newest checkpoint: a new trainer in the same directory
     app.selectbox(key="run_select").set_value(registry.key(tr.run_dir)).run()
     app.button(key="ckpt_resume").click().run()
-    assert any("still going in this app" in e for e in errors(app)), errors(app)
+    assert any("still going in this process" in e for e in errors(app)), errors(app)
     app.button(key="cmd_stop").click().run()
     wait_for(lambda: tr.status == "stopped", timeout=30)
     app.run()

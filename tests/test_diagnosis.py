@@ -117,7 +117,7 @@ def test_apply_action_with_controls_and_advice(runs_root):
     tr.start(paused=True)
     alert = Alert("plateau", "info", 0, "a. b. c.", "numbers", actions=[Action("Lower the lr", {"lr": 1e-4}),
                                                                        Action("Advice", hint="schedule=plateau")])
-    tr._diagnoser.alerts.append(alert)  # as a detector would, to test the action path alone
+    tr.watch.diagnoser.alerts.append(alert)  # as a detector would, to test the action path alone
     assert tr.apply_action(alert.id, 0, source="dashboard").wait(10).status == "applied"
     assert tr.controls.lr == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="advice"):

@@ -289,13 +289,12 @@ def test_only_the_notebook_subpackage_imports_ipywidgets():
 
 
 def test_live_source_matches_chart_data(runs_root):
-    """The panel's incremental collector gives what runview.chart_data gives (series, layers, markers)."""
+    """The panel's incremental collector gives what chartdata.chart_data gives (series, layers, markers)."""
     import numpy as np
     import pandas as pd
 
-    from workbench import figures
-    from workbench.notebook.charts import LiveSource, layer_matrix
-    from workbench.runview import chart_data
+    from workbench.chartdata import chart_data, layer_matrix
+    from workbench.notebook.charts import LiveSource
 
     tr = small(runs_root, max_steps=300, layer_every=2, checkpoint_every=50, lr=3e-3)
     tr.start(paused=True)
@@ -309,7 +308,7 @@ def test_live_source_matches_chart_data(runs_root):
             assert np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True), name
     pd.testing.assert_frame_equal(a.layers.reset_index(drop=True), b.layers.reset_index(drop=True), check_dtype=False)
     assert a.markers == b.markers and any(m["kind"] == "control" for m in b.markers)
-    s1, l1, z1 = figures.layer_matrix(a)
+    s1, l1, z1 = layer_matrix(a.layers)
     s2, l2, z2 = layer_matrix(b.layers)
     assert list(s1) == list(s2) and l1 == l2 and np.array_equal(z1, z2, equal_nan=True)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from workbench import Trainer, figures
-from workbench.runview import RunView, chart_data
+from workbench.chartdata import chart_data, layer_matrix
+from workbench.runview import RunView
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_chart_data_and_figures_are_the_same_for_both_sources(finished_run):
     figs = figures.all_figures(a, log_y=True)
     assert set(figs) == {"loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio"}
     assert all(figures.trace_points(f) <= 100 for f in figs.values())
-    steps, layers, z = figures.layer_matrix(a)
+    steps, layers, z = layer_matrix(a.layers)
     assert layers[0].endswith("weight") and z.shape == (len(layers), len(steps))
     assert figs["loss"].layout.yaxis.type == "log"
     comp = figures.compare_figure({"a": a, "b": b})

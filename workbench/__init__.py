@@ -4,8 +4,6 @@ The public surface is small: ``Trainer`` (the one facade every view uses) and ``
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import torch as _torch
 
 _major, _minor = (int(p) for p in _torch.__version__.split("+")[0].split(".")[:2])
@@ -14,6 +12,7 @@ if (_major, _minor) < (2, 6):
                       "unsafely (CVE-2025-32434). Upgrade torch, e.g. pip install 'torch==2.13.0'.")
 
 from .config import TrainConfig  # noqa: E402
+from .version import __version__  # noqa: E402
 from .trainer import Trainer, TrainingFailed  # noqa: E402
 
 __all__ = ["Trainer", "TrainConfig", "TrainingFailed", "__version__"]

@@ -56,7 +56,7 @@ def library_versions() -> dict[str, str]:
 def _library_versions() -> dict[str, str]:
     import pandas
 
-    from . import __version__
+    from .version import __version__
 
     return {"workbench": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
             "pandas": pandas.__version__, "python": sys.version.split()[0]}
@@ -400,7 +400,7 @@ class AsyncWriter:
         """Nothing to start ahead: the thread starts with the first save."""
 
     def take_buffers(self) -> dict:
-        """Host buffers for the next save (``workbench.trainer._host_copy``): those of an earlier save once
+        """Host buffers for the next save (``workbench.checkpointing.host_copy``): those of an earlier save once
         it is on disk (copying into memory that is mapped already is ~10x faster than fresh
         allocations), else an empty set."""
         return self._pool.pop() if self._pool else {}

@@ -161,9 +161,9 @@ class Arena:
 
 
 class HostBuffers(dict):
-    """One snapshot's host copies (``workbench.trainer._host_copy``'s key -> tensor map) placed in arenas.
+    """One snapshot's host copies (``workbench.checkpointing.host_copy``'s key -> tensor map) placed in arenas.
 
-    ``_host_copy`` asks :meth:`alloc` for new buffers and puts :meth:`leaf` of each buffer, its
+    ``host_copy`` asks :meth:`alloc` for new buffers and puts :meth:`leaf` of each buffer, its
     :class:`TensorRef`, in the copy's tree: that tree is the message the writer process gets, built
     in the walk that copies the tensors (a second walk on another thread would hold the GIL while
     the trainer runs its next step)."""

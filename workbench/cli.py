@@ -2,7 +2,7 @@
 
 The run/progress/summary logic lives in plain functions that take a ``Trainer`` (``run_trainer``,
 ``summary``) so tests and scripts can call them without going through argparse. The main thread only
-ever reads ``trainer.snapshot()`` (and the small schedule object for the current LR); the model is
+ever reads ``trainer.snapshot()`` and the alerts; the model is
 touched by the trainer thread alone.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Sequence, TextIO
 import pandas as pd
 import yaml
 
-from . import __version__
+from .version import __version__
 from .config import TrainConfig, parse_override
 from .rundir import list_runs
 from .trainer import Trainer, TrainingFailed
@@ -85,23 +85,10 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _current_lr(trainer: Trainer, snap: dict[str, Any]) -> float | None:
-    """The LR of the last step: the base LR times the schedule's factor (the model is not touched)."""
-    if _finite(snap.get("lr")) is not None:
-        return float(snap["lr"])
-    base = _finite((snap.get("controls") or {}).get("lr"))
-    if base is None:
-        return None
-    try:
-        return base * trainer.schedule.factor(max(0, int(snap.get("step") or 0) - 1))
-    except Exception:  # noqa: BLE001 - a display detail; fall back to the base LR
-        return base
-
-
-def _postfix(trainer: Trainer, snap: dict[str, Any]) -> dict[str, str]:
-    """The progress bar's postfix: loss, lr, samples/s (those known so far)."""
+def _postfix(snap: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's postfix: loss, the lr of the last step, samples/s (those known so far)."""
     out: dict[str, str] = {}
-    loss, lr, sps = _finite(snap.get("train_loss")), _current_lr(trainer, snap), _finite(snap.get("samples_per_s"))
+    loss, lr, sps = _finite(snap.get("train_loss")), _finite(snap.get("lr")), _finite(snap.get("samples_per_s"))
     if loss is not None:
         out["loss"] = f"{loss:.4f}"
     if lr is not None:
@@ -177,11 +164,12 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
         if s["step"] > bar.n:
             bar.update(s["step"] - bar.n)
         bar.set_description("paused" if s["status"] == "paused" else "", refresh=False)
-        bar.set_postfix(_postfix(trainer, s), refresh=False)
+        bar.set_postfix(_postfix(s), refresh=False)
         bar.refresh()
 
     interrupted = False
     shown: set[int] = set()
+    stopping: list[int] = []
 
     def report_alerts() -> None:
         """Print each new alert above the bar; a run paused by the divergence policy is stopped (no live
@@ -191,7 +179,8 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
                 shown.add(a.id)
                 bar.write(f"[{a.severity}] {a.kind} at step {a.step}: {a.message}\n    evidence: {a.evidence}",
                           file=err)
-        if trainer.status == "paused" and any(a.kind == "divergence" and not a.dismissed for a in trainer.alerts):
+        if trainer.paused_by_policy and not stopping:
+            stopping.append(trainer.step_count)
             bar.write("The run diverged and the divergence policy paused it; stopping it here (set "
                       "on_divergence=rollback to roll back and lower the lr automatically).", file=err)
             trainer.stop(source="cli")

@@ -1,26 +1,96 @@
-"""Live controls: validation in the caller's thread, requests the trainer applies at a step boundary.
+"""Live controls: what each one is, how its value is checked, and the values in force.
 
-The path of a change: a view (or script) calls ``Trainer.set(...)`` -> ``validate_controls`` checks
-it at once and raises on bad input -> a ``Request`` is queued -> the trainer thread applies it
-between two optimizer steps (``Trainer._apply_request``) -> the change is written to the event log
-with its step and source, and the request is marked applied (or refused, with the reason).
+``CONTROLS`` is the one list the views build their control forms from (the notebook panel, the dashboard
+and the CLI offer the same ones); ``validate_controls`` checks values in the caller's thread, so bad input
+never reaches the training loop (see workbench.requests for the path a change travels).
 """
 from __future__ import annotations
 
-import itertools
 import math
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
 from .config import PRECISIONS, check_choice, check_int, check_number
 
-CONTROL_NAMES = ("lr", "batch_size", "precision", "grad_clip", "accumulate", "weight_decay")
-SOURCES = ("api", "notebook", "dashboard", "cli", "policy")
-ACTIONS = ("set", "pause", "resume", "step", "stop", "checkpoint", "rollback", "dismiss")
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One live control: how a view shows it, how a value is checked, and what changing it does.
+
+    ``check(value, n_train, device)`` returns the value normalised or raises naming the field and what is
+    allowed (``n_train`` and ``device`` may be None for a run in another process: its trainer checks again).
+    ``apply(trainer, value)`` is what the change does beside storing the value in ``Trainer.controls``; the
+    loop reads the stored value at every step, so most controls need nothing more. Its starting value is the
+    ``TrainConfig`` field of the same name.
+    """
+
+    name: str
+    label: str
+    kind: str                      # number, integer, choice or optional number (empty: off)
+    help: str
+    check: Callable[[Any, "int | None", "torch.device | None"], Any]
+    apply: Callable[[Any, Any], None] | None = None
+    choices: tuple[str, ...] = ()
+
+
+def _check_lr(value: Any, n_train: int | None, device: torch.device | None) -> float:
+    return check_number("lr", value, positive=True)
+
+
+def _check_batch_size(value: Any, n_train: int | None, device: torch.device | None) -> int:
+    return check_int("batch_size", value, minimum=1, maximum=n_train)
+
+
+def _check_accumulate(value: Any, n_train: int | None, device: torch.device | None) -> int:
+    return check_int("accumulate", value, minimum=1, maximum=1024)
+
+
+def _check_precision(value: Any, n_train: int | None, device: torch.device | None) -> str:
+    p = check_choice("precision", value, PRECISIONS)
+    if device is None:
+        return p
+    p = resolve_precision(device, p)
+    problem = precision_problem(device, p)
+    if problem:
+        runnable = ", ".join(q for q in ("fp32", "bf16", "fp16") if not precision_problem(device, q))
+        raise ValueError(f"precision: got {value!r}, which this device cannot run ({problem}); allowed here: "
+                         f"{runnable}")
+    return p
+
+
+def _check_grad_clip(value: Any, n_train: int | None, device: torch.device | None) -> float | None:
+    return check_number("grad_clip", value, positive=True, allow_none=True)
+
+
+def _check_weight_decay(value: Any, n_train: int | None, device: torch.device | None) -> float:
+    return check_number("weight_decay", value, minimum=0.0)
+
+
+def _apply_precision(tr: Any, value: str) -> None:
+    tr.scaler.use(value)  # a GradScaler for fp16 only
+
+
+def _apply_weight_decay(tr: Any, value: float) -> None:
+    for group in tr.optimizer.param_groups:
+        group["weight_decay"] = value
+
+
+CONTROLS: tuple[ControlSpec, ...] = (
+    ControlSpec("lr", "Learning rate (base)", "number", "The base (peak) learning rate; the schedule multiplies it",
+                _check_lr),
+    ControlSpec("batch_size", "Batch size", "integer", "Samples per micro-batch; every sample is still seen once "
+                                                       "per epoch", _check_batch_size),
+    ControlSpec("accumulate", "Accumulate", "integer", "Micro-batches per optimizer step", _check_accumulate),
+    ControlSpec("precision", "Precision", "choice", "Autocast dtype of the forward pass", _check_precision,
+                _apply_precision, ("fp32", "bf16", "fp16")),
+    ControlSpec("grad_clip", "Grad clip", "optional number", "Max global grad norm; empty = off", _check_grad_clip),
+    ControlSpec("weight_decay", "Weight decay", "number", "The optimizer's weight decay (decoupled for adamw)",
+                _check_weight_decay, _apply_weight_decay),
+)
+SPECS: dict[str, ControlSpec] = {c.name: c for c in CONTROLS}
+CONTROL_NAMES: tuple[str, ...] = tuple(SPECS)
 
 _precision_cache: dict[tuple[str, str], str | None] = {}
 
@@ -61,100 +131,50 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     return "fp32"
 
 
-def validate_controls(changes: Mapping[str, Any], *, n_train: int, device: torch.device) -> dict[str, Any]:
+def validate_controls(changes: Mapping[str, Any], *, n_train: int | None,
+                      device: torch.device | None) -> dict[str, Any]:
     """Check live-control values; return them normalised. Raises ValueError/TypeError naming the field.
 
-    Called in the caller's thread, so bad input never reaches the training loop.
+    Called in the caller's thread, so bad input never reaches the training loop. ``n_train`` bounds the
+    batch size; ``device`` decides which precisions run (None: any precision name passes, and the trainer
+    of a run in another process decides).
     """
     if not changes:
         raise ValueError(f"set: no control given; allowed: {', '.join(CONTROL_NAMES)}")
-    unknown = [k for k in changes if k not in CONTROL_NAMES]
+    unknown = [k for k in changes if k not in SPECS]
     if unknown:
         raise ValueError(f"set: unknown control(s) {', '.join(map(repr, unknown))}; "
                          f"allowed: {', '.join(CONTROL_NAMES)}")
-    out: dict[str, Any] = {}
-    for name, value in changes.items():
-        if name == "lr":
-            out[name] = check_number("lr", value, positive=True)
-        elif name == "batch_size":
-            out[name] = check_int("batch_size", value, minimum=1, maximum=n_train)
-        elif name == "precision":
-            p = resolve_precision(device, check_choice("precision", value, PRECISIONS))
-            problem = precision_problem(device, p)
-            if problem:
-                raise ValueError(f"precision: got {value!r}, which this device cannot run ({problem}); "
-                                 f"allowed here: {', '.join(q for q in ('fp32', 'bf16', 'fp16') if not precision_problem(device, q))}")
-            out[name] = p
-        elif name == "grad_clip":
-            out[name] = check_number("grad_clip", value, positive=True, allow_none=True)
-        elif name == "accumulate":
-            out[name] = check_int("accumulate", value, minimum=1, maximum=1024)
-        elif name == "weight_decay":
-            out[name] = check_number("weight_decay", value, minimum=0.0)
-    return out
+    return {name: SPECS[name].check(value, n_train, device) for name, value in changes.items()}
 
 
-@dataclass
 class Controls:
-    """The controls in force. ``lr`` is the base (peak) LR that the schedule multiplies."""
+    """The controls in force, one attribute per row of ``CONTROLS`` (``lr`` is the base LR that the schedule
+    multiplies); a checkpoint holds them all."""
 
-    lr: float
-    batch_size: int
-    precision: str
-    grad_clip: float | None
-    accumulate: int
-    weight_decay: float
+    def __init__(self, **values: Any) -> None:
+        missing = [n for n in CONTROL_NAMES if n not in values]
+        unknown = [n for n in values if n not in SPECS]
+        if missing or unknown:
+            raise TypeError(f"Controls: missing {missing}, unknown {unknown}; allowed: {', '.join(CONTROL_NAMES)}")
+        for name in CONTROL_NAMES:
+            setattr(self, name, values[name])
+
+    @classmethod
+    def from_config(cls, cfg: Any, **resolved: Any) -> "Controls":
+        """The starting controls: each one's config field, or the value in ``resolved`` (a precision the
+        device resolved from ``auto``)."""
+        return cls(**{n: resolved[n] if n in resolved else getattr(cfg, n) for n in CONTROL_NAMES})
 
     def state_dict(self) -> dict[str, Any]:
-        # the fields are plain values: a shallow dict (dataclasses.asdict deep-copies, ~40 us)
         return {k: getattr(self, k) for k in CONTROL_NAMES}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for k in CONTROL_NAMES:
             setattr(self, k, state[k])
 
-
-_ids = itertools.count(1)
-
-
-@dataclass
-class Request:
-    """A queued change or command. ``wait()`` blocks until the trainer applied or refused it."""
-
-    action: str
-    controls: dict[str, Any] = field(default_factory=dict)
-    source: str = "api"
-    n: int = 1
-    tag: str | None = None
-    inbox_id: int | None = None     # id in the run's SQLite inbox when it came from another process
-    id: int = field(default_factory=lambda: next(_ids))
-    created: float = field(default_factory=time.time)
-    status: str = "pending"         # pending, applied, refused
-    step: int | None = None         # the first step that runs with the change
-    message: str = ""
-    result: Any = None
-    on_done: Callable[["Request"], None] | None = field(default=None, repr=False, compare=False)
-    _done: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
-
-    def resolve(self, status: str, step: int | None, message: str = "", result: Any = None) -> None:
-        self.status, self.step, self.message, self.result = status, step, message, result
-        self._done.set()
-        if self.on_done is not None:
-            self.on_done(self)
-
-    def wait(self, timeout: float | None = None) -> "Request":
-        """Block until the trainer has handled the request (or ``timeout`` seconds pass)."""
-        self._done.wait(timeout)
-        return self
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-
-def check_source(source: str) -> str:
-    """Sources name who asked for a change in the event log."""
-    return check_choice("source", source, SOURCES)
+    def __repr__(self) -> str:
+        return "Controls(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in CONTROL_NAMES) + ")"
 
 
 def same_value(a: Any, b: Any) -> bool:

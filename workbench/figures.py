@@ -1,4 +1,4 @@
-"""Plot builders: pure functions from stored series (``runview.ChartData``) to plotly figures.
+"""Plot builders: pure functions from stored series (``chartdata.ChartData``) to plotly figures.
 
 Shared by the notebook panel and the Streamlit dashboard, so both draw the same charts from the same
 numbers. They read only the data they are given — never a trainer — and every trace holds at most
@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 import plotly.graph_objects as go
 
-from .runview import ChartData
+from .chartdata import ChartData, layer_matrix
 
 COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "lr": "#2ca02c", "grad": "#9467bd", "acc": "#d62728"}
 MARKER_COLORS = {"control": "#17becf", "checkpoint": "#7f7f7f", "alert": "#d62728", "rollback": "#e377c2",
@@ -87,25 +87,14 @@ def accuracy_figure(data: ChartData) -> go.Figure:
     return line_figure(data, "val_acc", "Validation accuracy", color=COLORS["acc"], y_title="accuracy")
 
 
-def layer_matrix(data: ChartData, value: str = "grad_norm") -> tuple[list, list, np.ndarray]:
-    """(steps, layer names, values[layer, step]) for the heatmap; layers in model order."""
-    L = data.layers
-    if L.empty:
-        return [], [], np.zeros((0, 0))
-    table = L.pivot_table(index="layer", columns="step", values=value, aggfunc="last", sort=False)
-    order = list(dict.fromkeys(L["layer"]))
-    table = table.reindex(order)
-    return [int(s) for s in table.columns], order, table.to_numpy(dtype=float)
-
-
 def layer_heatmap(data: ChartData, value: str = "grad_norm", title: str | None = None) -> go.Figure:
     """Per-layer heatmap (layers x steps) of log10(value): vanishing/exploding gradients show as bands."""
-    steps, layers, z = layer_matrix(data, value)
+    steps, layers, z = layer_matrix(data.layers, value)
     with np.errstate(divide="ignore", invalid="ignore"):
         logz = np.where(z > 0, np.log10(z), np.nan)
     fig = go.Figure(layout=dict(LAYOUT, title=title or f"Per-layer {value.replace('_', ' ')} (log10)",
                                 height=max(250, 40 + 22 * len(layers)), hovermode="closest"))
-    fig.add_trace(go.Heatmap(x=steps, y=layers, z=np.where(np.isfinite(logz), logz, None).tolist(),
+    fig.add_trace(go.Heatmap(x=steps.astype(int).tolist(), y=layers, z=np.where(np.isfinite(logz), logz, None).tolist(),
                              colorscale="Viridis", colorbar=dict(title="log10"),
                              hovertemplate="step %{x}<br>%{y}<br>log10 = %{z:.2f}<extra></extra>"))
     fig.update_xaxes(title="step")

@@ -20,7 +20,7 @@ import gc
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,14 +28,29 @@ import torch
 
 from .checkpoint import RNGState
 from .config import check_int, check_number
-from .controls import check_source
+from .requests import check_source
 from .sampler import BatchFetcher
 from .step import AMP_DTYPES, train_step
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .trainer import Trainer
 
 IDLE_STATUSES = ("idle", "paused", "finished", "stopped")
+
+
+class Trainer(Protocol):
+    """What the finders read of a run (``workbench.Trainer``'s public surface)."""
+
+    status: str
+    is_stepping: bool
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    train_data: Any
+    device: torch.device
+    controls: Any
+    cfg: Any
+    fetcher: BatchFetcher
+
+    def log_event(self, kind: str, source: str, data: Any = None, step: int | None = None) -> None: ...
 DEFAULT_BUDGET_FRACTION = 0.25   # of the available RAM, for find_batch_size on CPU
 
 
@@ -43,7 +58,7 @@ DEFAULT_BUDGET_FRACTION = 0.25   # of the available RAM, for find_batch_size on 
 def _check_not_running(trainer: "Trainer", what: str) -> None:
     """A finder reads the model and the global RNG: refuse while the loop may be running a step."""
     status = trainer.status
-    if status == "running" or getattr(trainer, "_steps_allowed", 0) > 0:
+    if status == "running" or trainer.is_stepping:
         raise RuntimeError(f"{what}: the run is running (status {status!r}); pause() it first and wait until "
                            f"it is paused (allowed statuses: {', '.join(IDLE_STATUSES)})")
     if status not in IDLE_STATUSES:
@@ -72,7 +87,7 @@ def _copy_training_objects(trainer: "Trainer") -> tuple[torch.nn.Module, torch.o
 
 def _fetcher(trainer: "Trainer") -> BatchFetcher:
     """The run's fetcher (stateless, already on the device) or a new one over the training set."""
-    fetch = getattr(trainer, "_fetch", None)
+    fetch = getattr(trainer, "fetcher", None)
     return fetch if isinstance(fetch, BatchFetcher) else BatchFetcher(trainer.train_data, trainer.device)
 
 
@@ -279,7 +294,7 @@ def lr_find(trainer: "Trainer", *, start_lr: float = 1e-7, end_lr: float = 10.0,
                        valley=valley, method=method, stopped_early=stopped_early,
                        details={"start_lr": start_lr, "end_lr": end_lr, "num_steps": num_steps,
                                 "batch_size": batch_size, "smooth": smooth, "diverge_factor": diverge_factor})
-    trainer._log_event("lr_find", source, {"suggestion": suggestion, "method": method, "num_points": len(lrs),
+    trainer.log_event("lr_find", source, {"suggestion": suggestion, "method": method, "num_points": len(lrs),
                                            "steepest": steepest, "valley": valley, "start_lr": start_lr,
                                            "end_lr": end_lr, "batch_size": batch_size,
                                            "stopped_early": stopped_early})
@@ -520,6 +535,6 @@ def find_batch_size(trainer: "Trainer", *, start: int | None = None, max_batch: 
         need = "" if last["bytes"] is None else f"; allowed: a memory_budget_mb above {last['bytes'] / 2**20:.4f}"
         raise RuntimeError(f"find_batch_size: even batch size {last['batch_size']} does not fit ({last['why']}, "
                            f"memory_budget_mb {memory_budget_mb!r}){need}")
-    trainer._log_event("batch_size_find", source, {"batch_size": best, "start": start, "max_batch": max_batch,
+    trainer.log_event("batch_size_find", source, {"batch_size": best, "start": start, "max_batch": max_batch,
                                                    "memory_budget_mb": memory_budget_mb, "tried": tried})
     return best

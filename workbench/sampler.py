@@ -29,7 +29,7 @@ class EpochSampler:
 
     def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
         if n < 1:
-            raise ValueError(f"train_data: got an empty data set (0 samples); allowed: at least 1 sample")
+            raise ValueError("train_data: got an empty data set (0 samples); allowed: at least 1 sample")
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.epoch = 0
         self.position = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 KINDS = ("divergence", "loss_spike", "exploding_gradients", "vanishing_gradients", "overfitting", "underfitting",
          "plateau", "lr_too_high", "lr_too_low", "dead_units", "data_leakage", "class_imbalance",
@@ -72,3 +72,9 @@ def reserve_ids(up_to: int) -> None:
     global _ids
     current = next(_ids)
     _ids = itertools.count(max(current, up_to + 1))
+
+
+def health_of(severities: Iterable[str]) -> str:
+    """A run's health in one word from the severities of its open alerts: critical > warning > healthy."""
+    sev = set(severities)
+    return "critical" if "critical" in sev else "warning" if "warning" in sev else "healthy"

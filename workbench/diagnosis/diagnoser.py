@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from .alert import Alert, reserve_ids
+from .alert import Alert, health_of, reserve_ids
 from .base import UNCHANGED, Detector, Signals
 from .data_checks import preflight
 from .dead_units import DeadUnits
@@ -155,9 +155,7 @@ class Diagnoser:
     def summary(self) -> dict[str, Any]:
         """Health in one word plus counts: critical > warning > healthy."""
         cur = self.current()
-        sev = {a.severity for a in cur}
-        health = "critical" if "critical" in sev else "warning" if "warning" in sev else "healthy"
-        return {"health": health, "open": len(cur), "total": len(self.alerts),
+        return {"health": health_of(a.severity for a in cur), "open": len(cur), "total": len(self.alerts),
                 "dismissed": sum(a.dismissed for a in self.alerts), "muted": sorted(self.muted)}
 
     def state_dict(self) -> dict[str, Any]:

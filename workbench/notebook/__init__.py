@@ -6,7 +6,8 @@ panel holds, :mod:`.charts` for the live FigureWidgets and :mod:`.poller` for ho
 from __future__ import annotations
 
 from .charts import LiveCharts, static_figures
-from .widget import Panel, StaticView, panel, parse_changes, static_html, status_text
+from .sections import parse_changes
+from .widget import Panel, StaticView, panel, static_html, status_text
 from .poller import Poller
 
 __all__ = ["Panel", "StaticView", "LiveCharts", "Poller", "panel", "parse_changes", "static_figures",

@@ -6,7 +6,7 @@ builds them once and afterwards only assigns the new (downsampled) arrays to the
 ``fig.batch_update()``, one message per figure. Change/checkpoint/alert markers are drawn as a few line
 traces (``x = [s, s, None, ...]``) rather than hundreds of layout shapes, whose validation alone takes
 tens of milliseconds; the newest alerts are labelled in text next to their marker. Every trace holds a bounded number of points:
-the metric store's downsampled series (``n_out``), at most ``max_markers`` markers and ``max_cols``
+the metric store's downsampled series (``n_out``), the newest markers (chartdata.markers_of) and ``max_cols``
 heatmap columns, however long the run.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from .. import figures
-from ..runview import MARKER_KINDS, ChartData, chart_data, marker_label
+from ..chartdata import ChartData, chart_data, layer_matrix, markers_of, thin_steps
 
 CHART_NAMES = ("loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio")
 LINE_CHARTS = ("loss", "lr", "grad_norm", "val_acc")           # charts that carry markers
@@ -105,7 +105,7 @@ def static_figures(data: ChartData, log_y: bool = False) -> dict[str, go.Figure]
 
 
 class LiveSource:
-    """The ChartData of a live Trainer, collected incrementally (what ``runview.chart_data`` returns, cheaper).
+    """The ChartData of a live Trainer, collected incrementally (what ``chartdata.chart_data`` returns, cheaper).
 
     ``chart_data`` rebuilds the whole per-layer table (one row per parameter tensor every ``layer_every``
     steps, with names) and every marker on each call, a cost that grows with the run. Here the series come
@@ -116,8 +116,8 @@ class LiveSource:
     an object without them (a run read from disk) falls back to ``chart_data``.
     """
 
-    def __init__(self, tr: Any, n_out: int = 2000, max_cols: int = 200, max_markers: int = 200) -> None:
-        self.tr, self.n_out, self.max_cols, self.max_markers = tr, int(n_out), int(max_cols), int(max_markers)
+    def __init__(self, tr: Any, n_out: int = 2000, max_cols: int = 200) -> None:
+        self.tr, self.n_out, self.max_cols = tr, int(n_out), int(max_cols)
         self.names = np.asarray(tr.layer_names if hasattr(tr, "layer_names") else
                                 [n for n, p in tr.model.named_parameters() if p.requires_grad], dtype=object)
         self._val: tuple[Any, dict] = (None, {})
@@ -128,7 +128,7 @@ class LiveSource:
     def collect(self) -> ChartData:
         tr = self.tr
         if not (hasattr(tr, "layer_columns") and hasattr(tr, "event_list")):
-            return chart_data(tr, n_out=self.n_out, max_cols=self.max_cols, max_markers=self.max_markers)
+            return chart_data(tr, n_out=self.n_out, max_cols=self.max_cols)
         series = {name: tr.series(name, self.n_out) for name in ("train_loss", "lr", "grad_norm")}
         key = tr.last_eval.get("step")
         if key != self._val[0] or not self._val[1]:
@@ -148,13 +148,7 @@ class LiveSource:
         steps = cols["step"]
         if not len(steps):
             return empty_data().layers
-        firsts = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])   # rows arrive step by step
-        unique = steps[firsts]
-        if len(unique) > self.max_cols:
-            keep = unique[np.linspace(0, len(unique) - 1, self.max_cols).round().astype(int)]
-            mask = np.isin(steps, keep)
-        else:
-            mask = np.ones(len(steps), dtype=bool)
+        mask = thin_steps(steps, self.max_cols)   # rows arrive step by step
         idx = cols["layer"][mask].astype(int)
         return pd.DataFrame({"step": steps[mask].astype("int64"), "layer": self.names[idx],
                              "grad_norm": cols["grad_norm"][mask], "update_ratio": cols["update_ratio"][mask]})
@@ -162,19 +156,7 @@ class LiveSource:
     def _marker_list(self) -> list[dict[str, Any]]:
         events = self.tr.event_list()        # the log's dicts (tr.events builds a DataFrame: slower)
         self.checkpoint_events = sum(1 for e in events if e["kind"] == "checkpoint")
-        ev = [e for e in events if e["kind"] in MARKER_KINDS][-self.max_markers:]
-        return [{"step": int(e["step"]), "kind": e["kind"], "label": marker_label(e["kind"], e["data"])} for e in ev]
-
-
-def layer_matrix(layers: pd.DataFrame, value: str = "grad_norm") -> tuple[np.ndarray, list, np.ndarray]:
-    """(steps, layer names in model order, values[layer, step]): figures.layer_matrix without a pivot table."""
-    if layers.empty:
-        return np.array([]), [], np.zeros((0, 0))
-    li, names = pd.factorize(layers["layer"])      # codes in order of first appearance = model order
-    steps, si = np.unique(layers["step"].to_numpy(), return_inverse=True)
-    z = np.full((len(names), len(steps)), np.nan)
-    z[li, si] = layers[value].to_numpy(dtype=float)
-    return steps.astype(float), [str(n) for n in names], z
+        return markers_of(events)
 
 
 def _heatmap_z(z: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@
 Threads: hooks run on the trainer thread and never touch a widget. One poller (:mod:`.poller`) calls
 :meth:`Panel.refresh` at most 5 times a second; a refresh that finds nothing new (same step, status,
 event count, alerts) returns at once. Each refresh reads the metric store's downsampled series
-(:class:`.charts.LiveSource`, an incremental ``runview.chart_data``), so its cost does not grow with the
+(:class:`.charts.LiveSource`, an incremental ``chartdata.chart_data``), so its cost does not grow with the
 length of the run. Widgets are only created on the caller's thread; the poller only assigns values.
 
 Without a widget frontend (nbconvert to HTML, a plain console) the panel's display bundle also carries a
@@ -23,40 +23,37 @@ static version: the shared figures as plotly HTML plus a status text (``static_h
 """
 from __future__ import annotations
 
-import ast
 import html
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import ipywidgets as widgets
 
-from ..runview import chart_data
+from ..chartdata import chart_data
+from ..controls import CONTROLS, SPECS, ControlSpec
 from .charts import CHART_WIDTH, LiveCharts, LiveSource, static_figures
 from .poller import Poller
+from .sections import SEVERITY_COLORS, AlertsBox, CheckpointsBox, _fmt
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..diagnosis import Alert
-    from ..trainer import Trainer
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-ALERT_SLOTS = 5            # open alerts shown at once (newest first); the rest are counted
-ACTION_BUTTONS = 4         # suggested actions shown per alert
-SEVERITY_COLORS = {"info": "#1f77b4", "warning": "#ff7f0e", "critical": "#d62728"}
+Trainer = Any  # a workbench.Trainer (not imported: the trainer imports this module for Trainer.panel)
 STATUS_STYLES = {"running": "info", "paused": "warning", "finished": "success", "stopped": "success",
                  "failed": "danger", "idle": ""}
 _WIDE = {"description_width": "initial"}
 
 
-def _fmt(v: Any, spec: str = ".4g") -> str:
-    if v is None:
-        return "-"
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return format(f, spec) if math.isfinite(f) else str(f)
+def _control_widget(spec: ControlSpec, value: Any) -> widgets.Widget:
+    """The input of one live control, by its kind (an optional number shows 0 for off)."""
+    label = spec.label.lower() + (" (0 = off)" if spec.kind == "optional number" else "")
+    if spec.kind == "integer":
+        return widgets.IntText(value=value, description=label, tooltip=spec.help, style=_WIDE,
+                               layout=widgets.Layout(width="170px"))
+    if spec.kind == "choice":
+        return widgets.Dropdown(options=spec.choices, value=value, description=label, tooltip=spec.help,
+                                style=_WIDE, layout=widgets.Layout(width="170px"))
+    return widgets.FloatText(value=value or 0.0, description=label, tooltip=spec.help, style=_WIDE,
+                             layout=widgets.Layout(width="200px"))
 
 
 def _duration(seconds: float | None) -> str:
@@ -66,26 +63,7 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def parse_changes(text: str) -> dict[str, Any]:
-    """``"lr=3e-4, batch_size=32"`` -> ``{"lr": 0.0003, "batch_size": 32}`` (values are Python literals;
-    a bare word such as ``bf16`` is taken as a string). Raises ValueError on a malformed item."""
-    out: dict[str, Any] = {}
-    for item in text.replace(";", ",").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if "=" not in item:
-            raise ValueError(f"changes: got {item!r}; allowed: name=value items separated by commas, "
-                             f"e.g. lr=3e-4, batch_size=32")
-        name, value = (p.strip() for p in item.split("=", 1))
-        try:
-            out[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[name] = value
-    return out
-
-
-def status_text(tr: "Trainer", snap: dict[str, Any] | None = None, eta: float | None = None) -> str:
+def status_text(tr: Trainer, snap: dict[str, Any] | None = None, eta: float | None = None) -> str:
     """One plain-text status line: status, step/total, epoch, samples/s, ETA, losses, health."""
     s = snap or tr.snapshot()
     total = s.get("total_steps")
@@ -101,7 +79,7 @@ def status_text(tr: "Trainer", snap: dict[str, Any] | None = None, eta: float | 
     return " · ".join(parts)
 
 
-def static_html(tr: "Trainer", n_out: int = 500, include_plotlyjs: bool | str = "cdn", log_y: bool = False) -> str:
+def static_html(tr: Trainer, n_out: int = 500, include_plotlyjs: bool | str = "cdn", log_y: bool = False) -> str:
     """The run as static HTML: a status line, the open alerts and the shared figures (no widgets needed).
 
     ``include_plotlyjs="cdn"`` loads plotly.js from its CDN when the page is viewed (small output);
@@ -124,7 +102,7 @@ def static_html(tr: "Trainer", n_out: int = 500, include_plotlyjs: bool | str = 
 class StaticView:
     """A snapshot of the run that needs no widget frontend: static plotly figures + a status text."""
 
-    def __init__(self, tr: "Trainer", include_plotlyjs: bool | str = "cdn") -> None:
+    def __init__(self, tr: Trainer, include_plotlyjs: bool | str = "cdn") -> None:
         self.trainer, self.include_plotlyjs = tr, include_plotlyjs
 
     def _repr_html_(self) -> str:
@@ -144,10 +122,10 @@ class Panel(widgets.VBox):
     update, and a chart waits for that before it is sent again). ``n_out``: points per downsampled series.
     """
 
-    def __init__(self, trainer: "Trainer", *, poll: str | None = "auto", interval: float = 0.2,
+    def __init__(self, trainer: Trainer, *, poll: str | None = "auto", interval: float = 0.2,
                  chart_interval: float = 1.0, n_out: int = 2000, log_y: bool = False) -> None:
         self.trainer = trainer
-        self.trainers: list["Trainer"] = [trainer]     # every run this panel has shown (forks, resumes)
+        self.trainers: list[Trainer] = [trainer]     # every run this panel has shown (forks, resumes)
         self.n_out = int(n_out)
         self.chart_interval = float(chart_interval)
         self.chart_redraws = 0
@@ -165,7 +143,6 @@ class Panel(widgets.VBox):
         self._ckpt_until = 0.0
         self._ckpt_read = 0.0
         self._ckpt_seen = -1
-        self._ckpt_rows: tuple = ()
         self._pending: dict[str, Any] = {}
         self._rate: float | None = None
         self._last_obs: tuple[float, int] | None = None
@@ -183,37 +160,23 @@ class Panel(widgets.VBox):
         self.lr_slider = widgets.FloatLogSlider(value=c.lr, base=10, min=-6, max=1, step=0.05, description="lr",
                                                 continuous_update=False, readout_format=".2e", style=_WIDE)
         self.lr_text = widgets.FloatText(value=c.lr, description="", layout=widgets.Layout(width="110px"))
-        self.batch_size = widgets.IntText(value=c.batch_size, description="batch size", style=_WIDE,
-                                          layout=widgets.Layout(width="170px"))
-        self.precision = widgets.Dropdown(options=PRECISIONS, value=c.precision, description="precision",
-                                          style=_WIDE, layout=widgets.Layout(width="170px"))
-        self.grad_clip = widgets.FloatText(value=c.grad_clip or 0.0, description="grad clip (0 = off)", style=_WIDE,
-                                           layout=widgets.Layout(width="200px"))
-        self.accumulate = widgets.IntText(value=c.accumulate, description="accumulate", style=_WIDE,
-                                          layout=widgets.Layout(width="160px"))
-        self.weight_decay = widgets.FloatText(value=c.weight_decay, description="weight decay", style=_WIDE,
-                                              layout=widgets.Layout(width="190px"))
-        self.controls: dict[str, widgets.Widget] = {
-            "lr": self.lr_slider, "batch_size": self.batch_size, "precision": self.precision,
-            "grad_clip": self.grad_clip, "accumulate": self.accumulate, "weight_decay": self.weight_decay}
+        self.controls: dict[str, widgets.Widget] = {"lr": self.lr_slider}
+        for spec in CONTROLS:
+            if spec.name != "lr":  # one widget per live control of the engine's list, also an attribute
+                self.controls[spec.name] = _control_widget(spec, getattr(c, spec.name))
+                setattr(self, spec.name, self.controls[spec.name])
         for name, w in self.controls.items():
             w.observe(self._control_handler(name), names="value")
         self.lr_text.observe(self._control_handler("lr"), names="value")
 
-        def button(label: str, icon: str, fn: Callable[[], Any], style: str = "") -> widgets.Button:
-            b = widgets.Button(description=label, icon=icon, button_style=style,
-                               layout=widgets.Layout(width="auto"))
-            b.on_click(lambda _b: self._guard(label, fn))
-            return b
-
-        self.start_button = button("start", "play", self._start, "success")
-        self.pause_button = button("pause", "pause", lambda: self._post("pause", self.trainer.pause(source="notebook")))
-        self.resume_button = button("resume", "play", self._resume)
+        self.start_button = self.button("start", "play", self._start, "success")
+        self.pause_button = self.button("pause", "pause", lambda: self._post("pause", self.trainer.pause(source="notebook")))
+        self.resume_button = self.button("resume", "play", self._resume)
         self.step_n = widgets.BoundedIntText(value=10, min=1, max=10**9, layout=widgets.Layout(width="80px"))
-        self.step_button = button("step", "step-forward", self._step)
-        self.stop_button = button("stop", "stop", lambda: self._post("stop", self.trainer.stop(source="notebook")),
+        self.step_button = self.button("step", "step-forward", self._step)
+        self.stop_button = self.button("stop", "stop", lambda: self._post("stop", self.trainer.stop(source="notebook")),
                                   "danger")
-        self.save_button = button("save checkpoint", "save", self._save)
+        self.save_button = self.button("save checkpoint", "save", self._save)
         self.log_y = widgets.Checkbox(value=log_y, description="log y (loss)", indent=False,
                                       layout=widgets.Layout(width="auto"))
         self.log_y.observe(lambda ch: self._guard("log y", lambda: self.charts.set_log_y(ch["new"])), names="value")
@@ -228,44 +191,26 @@ class Panel(widgets.VBox):
                                layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {CHART_WIDTH + 10}px)",
                                                      width="100%"))
 
-        # ---- diagnosis: fixed slots (created here, on the main thread; the poller only changes their values)
-        self.health = widgets.HTML()
-        self.alert_slots: list[dict[str, Any]] = []
-        slot_boxes = []
-        for i in range(ALERT_SLOTS):
-            text = widgets.HTML()
-            actions = []
-            for j in range(ACTION_BUTTONS):
-                b = widgets.Button(layout=widgets.Layout(width="auto", display="none"))
-                b.on_click(lambda _b, i=i, j=j: self._guard("action", lambda: self._apply_action(i, j)))
-                actions.append(b)
-            dismiss = widgets.Button(description="dismiss (false alarm)", icon="times",
-                                     layout=widgets.Layout(width="auto"))
-            dismiss.on_click(lambda _b, i=i: self._guard("dismiss", lambda: self._dismiss(i)))
-            box = widgets.VBox([text, widgets.HBox(actions + [dismiss], layout=widgets.Layout(flex_flow="row wrap"))],
-                               layout=widgets.Layout(display="none"))
-            self.alert_slots.append({"alert_id": None, "text": text, "actions": actions, "dismiss": dismiss,
-                                     "box": box})
-            slot_boxes.append(box)
-        self.diagnosis = widgets.VBox([widgets.HTML("<b>Diagnosis</b>"), self.health] + slot_boxes)
-
-        # ---- checkpoint browser
-        self.checkpoint_list = widgets.Select(options=[], rows=6, layout=widgets.Layout(width="100%"))
-        self.resume_from_button = button("resume from", "undo", self._resume_from)
-        self.fork_changes = widgets.Text(value="", placeholder="changes, e.g. lr=3e-4, batch_size=32",
-                                         layout=widgets.Layout(width="320px"))
-        self.fork_button = button("fork with changes", "code-branch", self._fork)
-        self.checkpoint_browser = widgets.VBox([
-            widgets.HTML("<b>Checkpoints</b> (step · monitored metric · tag)"), self.checkpoint_list,
-            widgets.HBox([self.resume_from_button, self.fork_changes, self.fork_button])])
+        self.alerts = AlertsBox(self)
+        self.alert_slots, self.health, self.diagnosis = self.alerts.slots, self.alerts.health, self.alerts
+        self.checkpoint_browser = CheckpointsBox(self)
+        cb = self.checkpoint_browser
+        self.checkpoint_list, self.fork_changes = cb.list, cb.changes
+        self.resume_from_button, self.fork_button = cb.resume_button, cb.fork_button
 
         buttons = widgets.HBox([self.start_button, self.pause_button, self.resume_button, self.step_button,
                                 self.step_n, self.stop_button, self.save_button, self.log_y],
                                layout=widgets.Layout(flex_flow="row wrap"))
-        controls = widgets.HBox([self.lr_slider, self.lr_text, self.batch_size, self.precision, self.grad_clip,
-                                 self.accumulate, self.weight_decay], layout=widgets.Layout(flex_flow="row wrap"))
+        controls = widgets.HBox([self.lr_slider, self.lr_text, *(w for n, w in self.controls.items() if n != "lr")],
+                                layout=widgets.Layout(flex_flow="row wrap"))
         super().__init__([self.title, controls, buttons, self.status, self.progress, self.message, grid,
                           self.diagnosis, self.checkpoint_browser])
+
+    def button(self, label: str, icon: str, fn: Callable[[], Any], style: str = "") -> widgets.Button:
+        """A button whose click runs ``fn``, an error shown in the panel."""
+        b = widgets.Button(description=label, icon=icon, button_style=style, layout=widgets.Layout(width="auto"))
+        b.on_click(lambda _b: self._guard(label, fn))
+        return b
 
     # ================================================================= refreshing
     @property
@@ -282,7 +227,7 @@ class Panel(widgets.VBox):
         finally:
             self._local.on = False
 
-    def _change_key(self, tr: "Trainer") -> tuple:
+    def _change_key(self, tr: Trainer) -> tuple:
         alerts = tr.alerts
         return (id(tr), tr.step_count, tr.status, tr.event_count, len(alerts), sum(a.dismissed for a in alerts),
                 tr.last_eval.get("step"))
@@ -323,7 +268,7 @@ class Panel(widgets.VBox):
                 report = tr.diagnose()
                 alerts_key = (key[0], key[5], tuple(a.id for a in report["alerts"]))
                 if force or alerts_key != self._alerts_key:
-                    self._update_alerts(report)
+                    self.alerts.update(report)
                     self._alerts_key = alerts_key
                 if self._source.checkpoint_events != self._ckpt_seen:
                     self._ckpt_seen = self._source.checkpoint_events
@@ -334,10 +279,10 @@ class Panel(widgets.VBox):
             now = time.monotonic()
             if force or (now < self._ckpt_until and now - self._ckpt_read >= 0.5):
                 self._ckpt_read = now
-                self._update_checkpoints(tr)
+                self.checkpoint_browser.update(tr)
             return changed
 
-    def _update_status(self, tr: "Trainer", snap: dict[str, Any]) -> None:
+    def _update_status(self, tr: Trainer, snap: dict[str, Any]) -> None:
         now = time.monotonic()
         step, status = int(snap["step"]), snap["status"]
         if self._last_obs is not None and status == "running" and step > self._last_obs[1] and now > self._last_obs[0]:
@@ -364,7 +309,7 @@ class Panel(widgets.VBox):
                 continue  # the user's value is on its way; do not flip the widget back meanwhile
             self._pending.pop(name, None)
             value = controls.get(name)
-            if name == "grad_clip":
+            if SPECS[name].kind == "optional number":
                 value = value or 0.0
             if name == "lr":
                 self._set_quietly(self.lr_text, float(value))
@@ -380,51 +325,6 @@ class Panel(widgets.VBox):
         ended = status in ("finished", "stopped", "failed")
         for w in list(self.controls.values()) + [self.lr_text]:
             w.disabled = ended
-
-    def _update_alerts(self, d: dict[str, Any]) -> None:
-        current: list["Alert"] = sorted(d["alerts"], key=lambda a: (a.step, a.id), reverse=True)
-        color = SEVERITY_COLORS.get(d["health"], "#2ca02c")
-        more = len(current) - ALERT_SLOTS
-        self.health.value = (f"health: <b style='color:{color}'>{html.escape(d['health'])}</b> — "
-                             f"{html.escape(d['summary'])}" + (f" ({more} more in <code>tr.alerts</code>)"
-                                                                if more > 0 else ""))
-        for slot, alert in zip(self.alert_slots, current + [None] * ALERT_SLOTS):
-            if alert is None:
-                slot["alert_id"] = None
-                slot["box"].layout.display = "none"
-                continue
-            slot["alert_id"] = alert.id
-            slot["text"].value = (
-                f"<div style='border-left:4px solid {SEVERITY_COLORS.get(alert.severity, '#999')};padding:2px 8px'>"
-                f"<b>{html.escape(alert.severity)} · {html.escape(alert.kind)}</b> at step {alert.step} "
-                f"(confidence {alert.confidence:.0%})<br>{html.escape(alert.message)}<br>"
-                f"<small><b>Evidence:</b> {html.escape(alert.evidence)}</small></div>")
-            for j, b in enumerate(slot["actions"]):
-                action = alert.actions[j] if j < len(alert.actions) else None
-                if action is None:
-                    b.layout.display = "none"
-                    continue
-                b.description = action.label
-                b.disabled = not action.applicable
-                b.tooltip = action.hint or action.label
-                b.button_style = "warning" if action.rollback else "info"
-                b.layout.display = ""
-            slot["box"].layout.display = ""
-
-    def _update_checkpoints(self, tr: "Trainer") -> None:
-        table = tr.checkpoints
-        rows = tuple((int(r.step), str(r.path), r.metric, str(r.tag)) for r in table.itertuples()) \
-            if not table.empty else ()
-        if rows == self._ckpt_rows:
-            return
-        self._ckpt_rows = rows
-        monitor = tr.cfg.monitor
-        options = [(f"step {step:>8,} · {monitor} {_fmt(metric)} · {tag}", path)
-                   for step, path, metric, tag in reversed(rows)]
-        keep = self.checkpoint_list.value
-        self.checkpoint_list.options = options
-        paths = [p for _, p in options]
-        self.checkpoint_list.value = keep if keep in paths else (paths[0] if paths else None)
 
     # ================================================================= handlers (main thread)
     def _say(self, text: str, error: bool = False) -> None:
@@ -458,7 +358,8 @@ class Panel(widgets.VBox):
 
     def _set_control(self, name: str, value: Any) -> None:
         tr = self.trainer
-        if name == "grad_clip" and value == 0:
+        optional = SPECS[name].kind == "optional number"
+        if optional and value == 0:
             value = None
         try:
             req = tr.set(source="notebook", **{name: value})
@@ -468,7 +369,7 @@ class Panel(widgets.VBox):
                 self._set_quietly(self.lr_text, float(current))
                 self._set_quietly(self.lr_slider, min(max(float(current), 1e-6), 10.0))
             else:
-                self._set_quietly(self.controls[name], 0.0 if name == "grad_clip" and current is None else current)
+                self._set_quietly(self.controls[name], 0.0 if optional and current is None else current)
             raise
         self._pending[name] = req
         if name == "lr":  # keep the slider and the text box showing the same lr
@@ -496,51 +397,10 @@ class Panel(widgets.VBox):
         path = self.trainer.save_checkpoint(source="notebook", timeout=30.0)
         self._say(f"checkpoint saved: {path}")
         self.refresh()
-        self._update_checkpoints(self.trainer)
-
-    def _slot_alert(self, i: int) -> int:
-        alert_id = self.alert_slots[i]["alert_id"]
-        if alert_id is None:
-            raise ValueError("this alert is no longer open")
-        return alert_id
-
-    def _apply_action(self, i: int, j: int) -> None:
-        tr = self.trainer
-        alert_id = self._slot_alert(i)
-        alert = next((a for a in tr.alerts if a.id == alert_id), None)
-        label = alert.actions[j].label if alert is not None and j < len(alert.actions) else f"action {j}"
-        req = tr.apply_action(alert_id, j, source="notebook")
-        self._post(label, req)
-        if tr.status == "paused" and req.status != "refused":
-            self._say(f"{label}: requested; the run is paused — press resume (or step) to continue")
-
-    def _dismiss(self, i: int) -> None:
-        self._post("dismiss", self.trainer.dismiss(self._slot_alert(i), source="notebook"))
-
-    def _selected_checkpoint(self) -> str:
-        path = self.checkpoint_list.value
-        if not path:
-            raise ValueError("select a checkpoint in the list first")
-        return path
-
-    def _resume_from(self) -> "Trainer":
-        """Continue this run from the selected checkpoint (same run directory; later rows are dropped)."""
-        new = self.trainer.continue_from(self._selected_checkpoint())
-        self.attach(new)
-        self._say(f"resumed from step {new.step_count}: press start to continue (panel.trainer is the new run)")
-        return new
-
-    def _fork(self) -> "Trainer":
-        """A new run from the selected checkpoint with the changes typed next to the button."""
-        changes = parse_changes(self.fork_changes.value)
-        child = self.trainer.fork(checkpoint=self._selected_checkpoint(), source="notebook", **changes)
-        self.attach(child)
-        self._say(f"forked at step {child.step_count} into {child.run_dir} with {changes or 'no changes'}: press "
-                  f"start (panel.trainer is the fork; panel.trainers[-2] the parent)")
-        return child
+        self.checkpoint_browser.update(self.trainer)
 
     # ================================================================= public
-    def attach(self, trainer: "Trainer") -> None:
+    def attach(self, trainer: Trainer) -> None:
         """Show another run in this panel (after resume-from or a fork)."""
         with self._lock:
             self.trainer = trainer
@@ -549,7 +409,8 @@ class Panel(widgets.VBox):
                 self.trainers.append(trainer)
             self._key = self._data_key = self._alerts_key = None
             self._pending.clear()
-            self._rate, self._last_obs, self._ckpt_rows, self._ckpt_seen = None, None, (), -1
+            self._rate, self._last_obs, self._ckpt_seen = None, None, -1
+            self.checkpoint_browser.reset()
             self.charts.reset(list(self._source.names))
             self.refresh(force=True)
 
@@ -587,7 +448,7 @@ class Panel(widgets.VBox):
         super().close()
 
 
-def panel(trainer: "Trainer", *, static: bool = False, **options: Any) -> Panel | StaticView:
+def panel(trainer: Trainer, *, static: bool = False, **options: Any) -> Panel | StaticView:
     """The notebook panel of a run (``static=True``: a widget-free snapshot; options go to :class:`Panel`)."""
     if static:
         return StaticView(trainer, **options)
