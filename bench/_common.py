@@ -31,7 +31,6 @@ import workbench  # noqa: E402
 from workbench import Trainer  # noqa: E402
 from workbench.sampler import epoch_permutation  # noqa: E402
 
-DATE = "2026-11-25"
 PACKAGE = str(Path(workbench.__file__).parent)
 
 
@@ -223,5 +222,5 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
 def env_line() -> str:
     import os
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs, {cuda}; "
-            f"{DATE}")
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs, {cuda}, "
+            f"CPU kernels {torch.backends.cpu.get_cpu_capability()}; {time.strftime('%Y-%m-%d %H:%M')}")

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from _common import Trainer, env_line, mean, median_ms, notebook_warmup, per_round_ratio, run_trainer_chunk, \
     runs_dir, same_weights, table
 

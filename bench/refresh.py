@@ -4,9 +4,8 @@
 
 One refresh = ``SeriesStore.series("train_loss", "step", n_out)`` (copy under the lock, MinMaxLTTB
 plus global extremes) + a minimal ``plotly.graph_objects.Figure`` with one ``Scattergl`` trace built
-from it + ``fig.to_json()`` (what a view sends to the browser). That figure is the minimal stand-in
-this bench was specified with; when ``workbench.figures`` exists (the views' shared builders) the same
-refresh is also timed with ``figures.loss_figure`` fed by the same series. Stores hold 10^3, 10^5 and 10^6 logged
+from it + ``fig.to_json()`` (what a view sends to the browser). The same refresh is also timed with the
+views' own builder, ``figures.loss_figure``, fed by the same series. Stores hold 10^3, 10^5 and 10^6 logged
 steps (the trainer's step columns, a noisy decaying loss with spikes); sizes are timed interleaved
 (A B C A B C ...), the first repetition is warm-up; figures are medians.
 

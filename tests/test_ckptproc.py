@@ -1,8 +1,14 @@
-"""The checkpoint writer process: the same files as a thread writes, errors reported, a lost process
-replaced by the thread, nothing left in shared memory."""
+"""workbench.ckptproc: the checkpoint writer process.
+
+It writes the same bytes a thread writes, reports a failed write with the process's error, writes in this
+process when no folder has room for an arena, is replaced by the thread when it is lost (with an event, and
+every file still loads), leaves nothing in shared memory, and keeps a save's write off the CPU of the
+trainer thread.
+"""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -13,7 +19,7 @@ import torch
 from workbench import Trainer
 from workbench import ckptproc
 from workbench.checkpoint import AsyncWriter, atomic_save, load_checkpoint
-from workbench.checkpointing import host_copy as _host_copy
+from workbench.checkpointing import host_copy
 
 pytestmark = pytest.mark.skipif(ckptproc.unsupported() is not None, reason=str(ckptproc.unsupported()))
 
@@ -27,30 +33,39 @@ def _state() -> dict:
             "opt": [{"m": torch.ones(3), "lr": 0.1}, (1, "x", None)], "rng": torch.get_rng_state(), "n": 7}
 
 
-def _write(writer, state: dict, buffers, path: Path) -> list:
-    done, errors = [], []
-    copy = _host_copy(state, buffers)
-    writer._on_error = lambda p, e: errors.append(e)
+class Errors(list):
+    """A writer's ``on_error``: collects the errors of its writes."""
+
+    def __call__(self, path: Path, e: BaseException) -> None:
+        self.append(e)
+
+
+def _write(writer, errors: Errors, state: dict, buffers, path: Path) -> list:
+    """Write ``state`` with ``writer`` (made with ``on_error=errors``): the errors of this write, else [path]."""
+    done = []
+    errors.clear()
+    copy = host_copy(state, buffers)
     writer.submit(copy, path, done.append, buffers)
     writer.wait()
-    return errors or done
+    return list(errors) or done
 
 
 def _arena_files() -> list[str]:
-    return [p for d in ckptproc._arena_dirs() for p in os.listdir(d) if p.startswith(f"workbench-{os.getpid()}-")]
+    return [p for d in ckptproc.arena_dirs() for p in os.listdir(d) if p.startswith(f"workbench-{os.getpid()}-")]
 
 
 def test_the_process_writes_the_bytes_a_thread_writes(tmp_path):
     state = _state()
-    proc = ckptproc.ProcessWriter(lambda p, e: None)
+    errors, thread_errors = Errors(), Errors()
+    proc = ckptproc.ProcessWriter(errors)
     proc.start()
     assert ckptproc.client().ready.wait(60) and proc.mode == "process"
     buffers = proc.take_buffers()
-    assert _write(proc, state, buffers, tmp_path / "p.pt") == [tmp_path / "p.pt"]
-    assert _write(AsyncWriter(lambda p, e: None), state, {}, tmp_path / "t.pt") == [tmp_path / "t.pt"]
+    assert _write(proc, errors, state, buffers, tmp_path / "p.pt") == [tmp_path / "p.pt"]
+    assert _write(AsyncWriter(thread_errors), thread_errors, state, {}, tmp_path / "t.pt") == [tmp_path / "t.pt"]
     assert (tmp_path / "p.pt").read_bytes() == (tmp_path / "t.pt").read_bytes()
     # what this process writes when the writer process is lost: the same bytes again
-    atomic_save(buffers.materialize(_host_copy(state, buffers)), tmp_path / "m.pt")
+    atomic_save(buffers.materialize(host_copy(state, buffers)), tmp_path / "m.pt")
     assert (tmp_path / "m.pt").read_bytes() == (tmp_path / "t.pt").read_bytes()
     back = torch.load(tmp_path / "p.pt", weights_only=True)
     assert back["model"]["enc"] is back["model"]["dec"] or \
@@ -64,7 +79,7 @@ def test_the_process_writes_the_bytes_a_thread_writes(tmp_path):
     again = proc.take_buffers()
     assert again is buffers
     arenas = [a.path for a in again.arenas]
-    assert _write(proc, state, again, tmp_path / "p2.pt") == [tmp_path / "p2.pt"]
+    assert _write(proc, errors, state, again, tmp_path / "p2.pt") == [tmp_path / "p2.pt"]
     assert [a.path for a in again.arenas] == arenas
     assert torch.equal(torch.load(tmp_path / "p2.pt", weights_only=True)["model"]["dec"], state["model"]["enc"])
     proc.recycle(again)
@@ -74,8 +89,9 @@ def test_the_process_writes_the_bytes_a_thread_writes(tmp_path):
 
 def test_a_failed_write_is_reported_with_the_process_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    proc = ckptproc.ProcessWriter(lambda p, e: None)
-    errors = _write(proc, _state(), proc.take_buffers(), tmp_path / "file" / "x.pt")
+    reported = Errors()
+    proc = ckptproc.ProcessWriter(reported)
+    errors = _write(proc, reported, _state(), proc.take_buffers(), tmp_path / "file" / "x.pt")
     assert len(errors) == 1 and isinstance(errors[0], ckptproc.WriteFailed)
     assert "FileExistsError" in str(errors[0]) or "NotADirectoryError" in str(errors[0])
     assert proc.mode == "process"  # a failed write is not a lost process
@@ -85,12 +101,13 @@ def test_without_room_for_an_arena_the_save_is_written_here(tmp_path, monkeypatc
     """No folder can take an arena (here: none exists; in a container, a full /dev/shm): the host copy
     stays in private memory and this process writes the file, the same bytes."""
     state = _state()
-    monkeypatch.setattr(ckptproc, "_arena_dirs", lambda: [str(tmp_path / "missing")])
-    proc = ckptproc.ProcessWriter(lambda p, e: None)
+    monkeypatch.setattr(ckptproc, "arena_dirs", lambda: [str(tmp_path / "missing")])
+    errors, thread_errors = Errors(), Errors()
+    proc = ckptproc.ProcessWriter(errors)
     buffers = proc.take_buffers()
-    assert _write(proc, state, buffers, tmp_path / "p.pt") == [tmp_path / "p.pt"]
+    assert _write(proc, errors, state, buffers, tmp_path / "p.pt") == [tmp_path / "p.pt"]
     assert not buffers.complete and not buffers.arenas
-    assert _write(AsyncWriter(lambda p, e: None), state, {}, tmp_path / "t.pt") == [tmp_path / "t.pt"]
+    assert _write(AsyncWriter(thread_errors), thread_errors, state, {}, tmp_path / "t.pt") == [tmp_path / "t.pt"]
     assert (tmp_path / "p.pt").read_bytes() == (tmp_path / "t.pt").read_bytes()
     assert proc.mode == "process"  # the next save may find room again
 
@@ -106,7 +123,7 @@ def test_a_lost_writer_process_is_replaced_by_the_thread(tmp_path):
 
     def kill(ctx):
         if ctx.step == 150 and not killed.is_set():
-            ckptproc.client()._proc.kill()
+            os.kill(ckptproc.client().pid, signal.SIGKILL)
             killed.set()
     tr.on("step_end", kill)
     tr.run()
@@ -147,17 +164,12 @@ def test_resume_from_a_process_written_checkpoint_matches_a_thread_written_one(t
     assert last[0] == last[1] == last[2] and ra.step_count == 60
 
 
-def test_checkpoint_writer_setting_is_checked():
-    with pytest.raises(ValueError, match=r"checkpoint_writer.*auto, process, thread"):
-        Trainer(dataset="digits", model="mlp", max_steps=1, checkpoint_writer="fork")
-
-
-@pytest.mark.skipif(len(ckptproc._allowed_cpus()) < 2 or not os.path.exists("/proc/self/task"),
+@pytest.mark.skipif(len(ckptproc.allowed_cpus()) < 2 or not os.path.exists("/proc/self/task"),
                     reason="needs Linux and two allowed CPUs")
 def test_the_write_keeps_off_the_cpu_of_the_trainer_thread():
     """The writer process runs a save on a CPU other than the one the trainer thread last ran on, and on
     any allowed CPU when the trainer's team fills them all (no trainer thread named)."""
-    cpus = ckptproc._allowed_cpus()
+    cpus = ckptproc.allowed_cpus()
     trainer_cpu = min(cpus)
     pinned, done = threading.Event(), threading.Event()
     seen: list[set[int]] = []
@@ -168,9 +180,9 @@ def test_the_write_keeps_off_the_cpu_of_the_trainer_thread():
         done.wait(30)
 
     def writer(tid: int) -> None:  # stands for the process's writing thread
-        ckptproc._keep_off(os.getpid(), tid, cpus)
+        ckptproc.keep_off(os.getpid(), tid, cpus)
         seen.append(os.sched_getaffinity(0))
-        ckptproc._keep_off(os.getpid(), None, cpus)
+        ckptproc.keep_off(os.getpid(), None, cpus)
         seen.append(os.sched_getaffinity(0))
 
     t = threading.Thread(target=trainer)

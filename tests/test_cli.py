@@ -1,4 +1,14 @@
-"""Tests for workbench.cli: real `workbench` subprocesses plus direct main()/run_trainer() calls."""
+"""workbench.cli: the ``workbench`` command (real subprocesses) and its functions (main, run_trainer).
+
+* ``train`` finishes and writes the run directory, applies ``--set`` overrides (dotted keys too), prints a
+  progress bar and a summary with the resume and TensorBoard commands; a typo in a key exits 2 listing the
+  valid keys, without a traceback or a run.
+* ``runs`` lists the runs; ``resume`` of a finished run finishes at once; usage errors exit 2 with the
+  reason; ``--version``; the dashboard command line.
+* Ctrl-C (SIGINT, in-process or to a real process) stops the run cleanly at a step boundary with a
+  checkpoint, and the run resumes; a failed run exits 1 without a traceback.
+* A teaching scenario runs from the command line and reports its alert.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,12 +26,11 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let `pytest` run from anywhere without installing the package
-    sys.path.insert(0, str(ROOT))
+from workbench import TrainConfig, Trainer, __version__, cli
+from workbench.cli import build_parser, dashboard_argv
+from workbench.rundir import RunDB
 
-from workbench import TrainConfig, Trainer, __version__, cli  # noqa: E402
-from workbench.rundir import RunDB  # noqa: E402
+from conftest import ROOT, wait_for
 
 FAST = ["--set", "max_steps=30", "--set", "seed=1", "--set", "eval_every=10", "--set", "device=cpu"]
 
@@ -152,26 +162,29 @@ def test_build_config_merges_dotted_keys_over_the_demo_config(tmp_path: Path) ->
 
 
 # ------------------------------------------------------------------------------------------- run_trainer()
-def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path: Path) -> None:
+    """A real SIGINT to this process while run_trainer waits on a run (paused at step 5, so the stop lands
+    at a known step): the CLI's handler asks the run to stop, and it stops with a checkpoint."""
     run_dir = tmp_path / "stopme"
     trainer = Trainer(TrainConfig(max_steps=40, seed=1, device="cpu", eval_every=10, run_dir=str(run_dir)))
-    calls = []
-    real_sleep = time.sleep
+    trainer.start(paused=True)
+    assert trainer.step(5).wait(30).status == "applied"
+    pytest_handler = signal.getsignal(signal.SIGINT)
 
-    def sleep(s: float) -> None:
-        calls.append(s)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        real_sleep(s)
+    def ctrl_c() -> None:  # once run_trainer has put its own SIGINT handler in place
+        wait_for(lambda: signal.getsignal(signal.SIGINT) is not pytest_handler)
+        os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(cli, "_sleep", sleep)
+    pressed = threading.Thread(target=ctrl_c)
+    pressed.start()
     out, err = io.StringIO(), io.StringIO()
     assert cli.run_trainer(trainer, progress=False, out=out, err=err) == 0
+    pressed.join(30)
+    assert signal.getsignal(signal.SIGINT) is pytest_handler  # put back
     assert trainer.status == "stopped" and trainer.step_count < 40
-    assert "Run stopped at step" in err.getvalue() and f"workbench resume {run_dir}" in err.getvalue()
+    assert "Run stopped at step 5" in err.getvalue() and f"workbench resume {run_dir}" in err.getvalue()
     assert "Run stopped" in out.getvalue()
     assert meta_status(run_dir) == "stopped"
-    monkeypatch.setattr(cli, "_sleep", real_sleep)
 
     # `workbench resume` picks it up from the stop checkpoint and runs to the end
     out = io.StringIO()
@@ -229,9 +242,6 @@ def test_sigint_to_a_real_process_stops_the_run(tmp_path: Path) -> None:
 
 
 def test_scenario_runs_from_the_cli_and_reports_its_alert(tmp_path):
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, "-m", "workbench.cli", "train", "--scenario", "lr_too_high", "--no-progress",
                            "--runs", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -243,3 +253,13 @@ def test_scenario_runs_from_the_cli_and_reports_its_alert(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "workbench.cli", "train", "--scenario", "nope"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "allowed: lr_too_high" in bad.stderr
+
+
+def test_cli_dashboard_command_line(tmp_path):
+    args = build_parser().parse_args(["dashboard", "--runs", str(tmp_path), "--port", "8999", "--demo"])
+    argv = dashboard_argv(args)
+    assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4] == str(ROOT / "app" / "dashboard.py")
+    assert argv[argv.index("--server.address") + 1] == "127.0.0.1"
+    assert argv[argv.index("--server.port") + 1] == "8999"
+    assert argv[argv.index("--") + 1:] == ["--runs", str(tmp_path.resolve()), "--demo"]
+

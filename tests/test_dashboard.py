@@ -12,7 +12,6 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from workbench import registry
-from workbench.cli import build_parser, dashboard_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app" / "dashboard.py"
@@ -24,16 +23,7 @@ from app import live  # noqa: E402
 from workbench import handle, runs  # noqa: E402
 from workbench.runview import RunView  # noqa: E402
 
-
-def wait_for(pred, timeout: float = 20.0, poll: float = 0.05):
-    """Poll ``pred`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"condition not met within {timeout} s")
+from conftest import wait_for  # noqa: E402
 
 
 def errors(at: AppTest) -> list[str]:
@@ -318,12 +308,3 @@ def test_demo_flag_starts_the_demo_once(app, runs_root, monkeypatch):
     assert tr.cfg.name == "demo"
     AppTest.from_file(str(APP), default_timeout=60).run()  # a second tab: no second demo
     assert len([k for k in registry.trainers() if Path(k).parent == runs_root.resolve()]) == 1
-
-
-def test_cli_dashboard_command_line(tmp_path):
-    args = build_parser().parse_args(["dashboard", "--runs", str(tmp_path), "--port", "8999", "--demo"])
-    argv = dashboard_argv(args)
-    assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4] == str(APP)
-    assert argv[argv.index("--server.address") + 1] == "127.0.0.1"
-    assert argv[argv.index("--server.port") + 1] == "8999"
-    assert argv[argv.index("--") + 1:] == ["--runs", str(tmp_path.resolve()), "--demo"]

@@ -1,8 +1,16 @@
-"""LR range test and batch-size finder: useful answers, and the real run left exactly as it was."""
+"""workbench.finders: the LR range test and the batch-size finder.
+
+* lr_find suggests an lr within 3x of the best of a grid of fresh runs; it leaves the run bit-identical
+  (weights, optimizer state, RNG, sampler position), is refused while the run is running, and checks its
+  arguments; its suggestion rules (valley, steepest, min/10) on a synthetic curve.
+* Out-of-memory errors are recognised; the decorator halves the batch on OOM, stops at the first success,
+  gives up at zero and lets other errors through.
+* find_batch_size follows the memory budget on the CPU (capped at the training set), leaves the run as it
+  was, and says when even a batch of 1 does not fit; the step's memory account grows linearly with the batch.
+"""
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +21,8 @@ from workbench.checkpoint import RNGState
 from workbench.finders import (LRFindResult, find_executable_batch_size, is_oom_error, measure_step_memory,
                                steepest_index, suggest_lr, valley_index)
 
+from conftest import make_mlp, wait_for
+
 GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 
 
@@ -21,15 +31,6 @@ def digits_kw(runs_root, **extra):
               tensorboard=False, eval_every=0, max_epochs=None, layer_every=0, keep_best=0)
     kw.update(extra)
     return kw
-
-
-def wait_for(cond, timeout=30.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return
-        time.sleep(0.005)
-    raise AssertionError("condition not met in time")
 
 
 def rng_equal(a: dict, b: dict) -> bool:
@@ -158,7 +159,7 @@ def test_suggestion_rules_on_a_synthetic_curve():
 
 
 # ------------------------------------------------------------------ OOM handling
-def test_is_oom_error():
+def test_oom_errors_are_recognised_and_others_are_not():
     assert is_oom_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_oom_error(RuntimeError("CUDA error: out of memory"))
     assert is_oom_error(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
@@ -244,8 +245,7 @@ def test_find_batch_size_on_cpu_follows_the_memory_budget(runs_root):
 
 
 def test_step_memory_account_grows_linearly_with_the_batch():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    model = make_mlp(0)
     opt = torch.optim.Adam(model.parameters())
     params = list(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)

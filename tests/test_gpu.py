@@ -20,8 +20,7 @@ from workbench.checkpoint import load_checkpoint
 from workbench.rundir import RunDB
 from workbench.sampler import BatchFetcher
 
-from conftest import PYTHON, ROOT
-from test_checkpoint import WORKER, cfg_for, final_model
+from conftest import PYTHON, ROOT, WORKER, cfg_for, final_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")]

@@ -25,13 +25,15 @@ FAMILIES = {
 ORDER = ["DEFAULT", "AVX2", "AVX512"]   # as torch.backends.cpu.get_cpu_capability() names them
 
 # Tests whose pass/fail depends on where a float trajectory goes (an alert's kind or step, a final loss or
-# accuracy, a finder's suggestion). The oldest family, the one furthest from a modern CPU's, reruns them
-# all; AVX2 reruns the teaching scenarios, the longest trajectories. Of the notebooks, those whose asserts
-# read a curve: the lr finder and divergence (02), overfitting and its fixes (03), vanishing gradients (04).
+# accuracy, a finder's suggestion, what the divergence policy and a rollback do). The oldest family, the one
+# furthest from a modern CPU's, reruns them all; AVX2 reruns the teaching scenarios, the longest
+# trajectories. Of the notebooks, those whose asserts read a curve: the lr finder and divergence (02),
+# overfitting and its fixes (03), vanishing gradients (04).
 NOTEBOOKS = [f"tests/test_notebooks.py::test_notebook_runs_top_to_bottom[{n}]"
              for n in ("02_learning_rate", "03_overfitting", "04_vanishing_gradients")]
 TRAJECTORY_TESTS = {
-    "default": ["tests/scenarios", "tests/test_diagnosis.py", "tests/test_finders.py",
+    "default": ["tests/scenarios", "tests/test_diagnosis.py", "tests/test_watch.py", "tests/test_rollback.py",
+                "tests/test_requests.py::test_apply_action_with_controls_and_advice", "tests/test_finders.py",
                 "tests/test_cli.py::test_scenario_runs_from_the_cli_and_reports_its_alert", *NOTEBOOKS],
     "avx2": ["tests/scenarios"],
 }

@@ -1,21 +1,23 @@
-"""Tests for workbench.metrics: downsample() and SeriesStore."""
+"""workbench.metrics: downsample() and SeriesStore.
+
+* downsample keeps a series' extremes (a single spike survives) and its first point, returns real input
+  points in order, at most n_out of them, for any x dtype; NaN and inf stay visible where they start.
+* SeriesStore appends rows (missing columns as NaN, bad rows refused leaving it clean), reads copies
+  (frame, column, last, series), keeps a block summary that gives the same series however the rows came,
+  bounds its memory by compaction (newest rows at full resolution, older ones at a uniform stride), and
+  never shows a reader a half-written row while another thread writes.
+"""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let `pytest` run from anywhere without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from workbench.metrics import SUMMARY_BLOCKS, SeriesStore, downsample  # noqa: E402
+from workbench.metrics import SUMMARY_BLOCKS, SeriesStore, downsample
 
 COLS = ("step", "loss", "lr", "acc")
 
@@ -87,7 +89,7 @@ def test_downsample_rejects_bad_arguments() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- SeriesStore basics
-def test_append_frame_last_column() -> None:
+def test_append_fills_missing_columns_with_nan_and_reads_are_copies() -> None:
     s = SeriesStore(COLS)
     assert len(s) == 0 and s.last() is None and s.stride == 1
     assert list(s.frame().columns) == list(COLS) and len(s.frame()) == 0
@@ -127,7 +129,7 @@ def test_unknown_column_and_bad_value_leave_store_clean() -> None:
         SeriesStore(("a", "a"))
 
 
-def test_extend_and_series() -> None:
+def test_extend_appends_columns_and_series_keeps_the_extremes() -> None:
     s = SeriesStore(COLS)
     n = 50_000
     steps = np.arange(n)
@@ -187,14 +189,14 @@ def test_compaction_bounds_memory() -> None:
     for i in range(1000):
         s.append({"step": i, "v": i * 0.5})
         assert len(s) <= cap
-        assert s._data.shape[1] <= cap  # never allocates more than capacity rows
+        assert s.allocated_rows <= cap  # never allocates more than capacity rows
     steps = s.column("step")
     assert steps[0] == 0 and steps[-1] == 999
     assert np.all(np.diff(steps) > 0)
     assert s.stride > 1
     # the oldest part is thinned by the stride; the newest rows are at full resolution
     assert steps[1] - steps[0] == s.stride
-    m = s._old_rows  # the old part holds appended rows 0, S, 2S, ... (uniform resolution)
+    m = s.thinned_rows  # the old part holds appended rows 0, S, 2S, ... (uniform resolution)
     np.testing.assert_array_equal(steps[:m], np.arange(m) * s.stride)
     assert np.all(np.diff(steps[-cap // 2 :]) == 1)  # the newest capacity//2 rows are at full resolution
     np.testing.assert_array_equal(s.column("v"), steps * 0.5)
@@ -256,8 +258,8 @@ def test_concurrent_writer_and_reader_never_see_torn_rows() -> None:
     assert s.last() == {"step": n_rows - 1, "a": n_rows - 1, "b": 2 * (n_rows - 1), "c": -(n_rows - 1)}
 
 
-# ---------------------------------------------------------------------------------------------- speed (printed, not asserted)
-def test_speed_million_rows() -> None:
+# ------------------------------------------------------------------------------ a million rows (speed printed, not asserted)
+def test_a_million_rows_are_stored_and_downsampled_to_n_out() -> None:
     cols = [f"c{i}" for i in range(7)]
     s = SeriesStore(["step", *cols])
     rng = np.random.default_rng(0)

@@ -1,31 +1,25 @@
-"""Tests for workbench.models: output shapes, MLP options, CNN input checks,
+"""workbench.models: output shapes, MLP options, CNN input checks,
 option validation and reproducible initialisation."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # allow running without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from workbench.models import MODELS, build_model, describe_models  # noqa: E402
+from workbench.models import MODELS, build_model, describe_models
 
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("out_features", [1, 10])
-def test_forward_shape(name: str, out_features: int) -> None:
+def test_every_model_maps_a_batch_to_finite_outputs_of_the_asked_width(name: str, out_features: int) -> None:
     model = build_model(name, in_features=64, out_features=out_features)
     out = model(torch.randn(5, 64))
     assert out.shape == (5, out_features)
     assert torch.isfinite(out).all()
 
 
-def test_describe_models() -> None:
+def test_every_model_is_described() -> None:
     desc = describe_models()
     assert set(desc) == set(MODELS) and all(desc.values())
 
@@ -70,7 +64,7 @@ def test_deep_sigmoid_mlp_runs_and_gradients_vanish() -> None:
     assert torch.isfinite(loss) and first < last * 1e-6  # the teaching point: early layers barely learn
 
 
-def test_bias_init_and_inits() -> None:
+def test_bias_init_and_weight_inits_set_the_layers_as_asked() -> None:
     model = build_model("mlp", in_features=5, out_features=3, depth=3, width=7, bias_init=-5.0)
     linears = [m for m in model.net if isinstance(m, nn.Linear)]
     for layer in linears[:-1]:
@@ -100,7 +94,7 @@ def test_same_seed_same_init() -> None:
         assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 
 
-def test_cnn() -> None:
+def test_cnn_takes_flat_or_square_inputs_and_refuses_a_non_square_size() -> None:
     model = build_model("cnn", in_features=64, out_features=10, channels=4, dropout=0.5)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 8)]
@@ -141,7 +135,7 @@ def test_bad_options_are_explained(name: str, kwargs: dict, field: str) -> None:
         build_model(name, in_features=64, out_features=3, **kwargs)
 
 
-def test_bad_sizes() -> None:
+def test_bad_sizes_are_refused_naming_the_argument() -> None:
     with pytest.raises(ValueError, match="in_features"):
         build_model("mlp", in_features=0, out_features=2)
     with pytest.raises(ValueError, match="out_features"):

@@ -13,7 +13,7 @@ from workbench.controls import precision_problem
 from workbench.notebook import Panel, StaticView, panel, parse_changes
 from workbench.scenarios import scenario_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, wait_for
 
 
 def small(runs_root: Path, **kw) -> Trainer:
@@ -21,14 +21,6 @@ def small(runs_root: Path, **kw) -> Trainer:
                max_epochs=None, eval_every=20, layer_every=10, seed=0, runs_root=str(runs_root), tensorboard=False)
     cfg.update(kw)
     return Trainer(**cfg)
-
-
-def wait_for(cond, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 @pytest.fixture

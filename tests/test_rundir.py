@@ -1,10 +1,18 @@
-"""Tests for workbench.rundir: RunDB (threads and a second process), TBWriter, list_runs, new_run_dir."""
+"""workbench.rundir: the run directory and its SQLite database (RunDB), TBWriter, list_runs, new_run_dir.
+
+* RunDB round-trips steps, evals, layer rows (NaN as NULL, +-inf), events (numpy values, nested data),
+  metadata and the checkpoint table; it deletes the rows after a step (a resume), refuses unknown columns
+  writing nothing, opens read-only without creating anything, and is safe from many threads at once.
+* Its control inbox holds requests until resolved once (applied or refused, with step and message); a
+  second process reads the tables while they grow and posts a request whose outcome it gets back.
+* new_run_dir makes unique run folders; list_runs lists them newest first with status, step and best val
+  loss; TBWriter writes scalars TensorBoard reads back.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import struct
 import os
 import subprocess
 import sys
@@ -17,11 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let `pytest` run from anywhere without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from workbench.rundir import (  # noqa: E402
+from workbench.rundir import (
     EVAL_COLUMNS,
     LAYER_COLUMNS,
     LIST_RUNS_COLUMNS,
@@ -31,6 +35,8 @@ from workbench.rundir import (  # noqa: E402
     list_runs,
     new_run_dir,
 )
+
+from conftest import ROOT
 
 
 @pytest.fixture()
@@ -105,7 +111,7 @@ def test_evals_and_layers_round_trip(db: RunDB) -> None:
     assert db.read_layers(since_step=10)["step"].tolist() == [20]
 
 
-def test_delete_after(db: RunDB) -> None:
+def test_delete_after_drops_every_row_past_a_step(db: RunDB) -> None:
     db.insert_steps([{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(10)])
     db.insert_evals([{"step": s, "val_loss": 1.0} for s in (3, 6, 9)])
     db.insert_layers([{"step": s, "layer": "a", "grad_norm": 1.0} for s in range(10)])
@@ -146,7 +152,7 @@ def test_events_round_trip(db: RunDB) -> None:
         db.log_event(step=1, kind="", source="x")
 
 
-def test_meta_and_checkpoints(db: RunDB) -> None:
+def test_meta_and_the_checkpoint_table_round_trip(db: RunDB) -> None:
     db.set_meta(status="running", started=1000.5, model={"name": "mlp", "width": np.int64(64)})
     db.set_meta(status="paused")
     assert db.meta() == {"status": "paused", "started": 1000.5, "model": {"name": "mlp", "width": 64}}
@@ -163,7 +169,7 @@ def test_meta_and_checkpoints(db: RunDB) -> None:
     assert db.read_checkpoints()["path"].tolist() == ["checkpoints/b.pt", "checkpoints/c.pt"]
 
 
-def test_controls_in_one_process(db: RunDB) -> None:
+def test_the_control_inbox_resolves_each_request_once(db: RunDB) -> None:
     r1 = db.post_control({"lr": 0.01, "grad_clip": np.float64(1.0)})
     r2 = db.post_control({}, action="pause", source="notebook")
     pend = db.pending_controls()
@@ -178,9 +184,7 @@ def test_controls_in_one_process(db: RunDB) -> None:
     assert db.wait_control(r2, timeout=0.1)["status"] == "refused"
 
     r3 = db.post_control({"lr": 1.0})
-    t0 = time.monotonic()
     assert db.wait_control(r3, timeout=0.2)["status"] == "pending"  # timeout returns the pending record
-    assert time.monotonic() - t0 < 2
 
     with pytest.raises(ValueError, match="'jump'.*allowed"):
         db.post_control({}, action="jump")
@@ -192,7 +196,7 @@ def test_controls_in_one_process(db: RunDB) -> None:
         db.control(9999)
 
 
-def test_readonly(tmp_path: Path) -> None:
+def test_a_readonly_db_needs_the_file_refuses_writes_and_closes(tmp_path: Path) -> None:
     path = tmp_path / "run.db"
     with pytest.raises(FileNotFoundError):
         RunDB(path, readonly=True)
@@ -319,7 +323,7 @@ def test_second_process_reads_while_writing_and_controls_round_trip(tmp_path: Pa
 
 
 # ---------------------------------------------------------------------------------------------- run folders
-def test_new_run_dir(tmp_path: Path) -> None:
+def test_new_run_dir_makes_unique_folders_and_refuses_bad_names(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     a = new_run_dir(root)
     assert a.parent == root and (a / "tb").is_dir() and (a / "checkpoints").is_dir()
@@ -333,7 +337,7 @@ def test_new_run_dir(tmp_path: Path) -> None:
             new_run_dir(root, name=bad)
 
 
-def test_list_runs(tmp_path: Path) -> None:
+def test_list_runs_lists_runs_newest_first_with_status_step_and_best_loss(tmp_path: Path) -> None:
     missing = list_runs(tmp_path / "nope")
     assert missing.empty and list(missing.columns) == list(LIST_RUNS_COLUMNS)
     (tmp_path / "empty").mkdir()
@@ -371,7 +375,7 @@ def test_list_runs(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- TensorBoard
-def test_tbwriter_round_trip(tmp_path: Path) -> None:
+def test_tbwriter_scalars_read_back_in_tensorboard(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logdir = tmp_path / "tb"
@@ -393,74 +397,3 @@ def test_tbwriter_round_trip(tmp_path: Path) -> None:
         np.testing.assert_allclose([g[2] for g in got], [w[2] for w in want], rtol=0, atol=1e-3)
     with pytest.raises(ValueError, match="tag, step, value, walltime"):
         TBWriter(tmp_path / "tb2").write([("x", 1, 2.0)])
-
-
-def test_tbevents_bytes_parse_as_tensorboard_protos(tmp_path: Path) -> None:
-    """The hand-written event bytes are what TensorBoard's own protobuf classes read; the checksum's
-    pure-Python fallback gives the C package's values; float32 overflow becomes inf as protobuf does."""
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked
-
-    from workbench import tbevents
-
-    data = tbevents.encode_scalars(123456789, 1_700_000_000.25, [("train/loss", 0.5), ("lr", 1e39), ("é", -math.inf)])
-    ev = Event.FromString(data)
-    assert (ev.step, ev.wall_time) == (123456789, 1_700_000_000.25)
-    assert [(v.tag, v.simple_value) for v in ev.summary.value] == [("train/loss", 0.5), ("lr", math.inf),
-                                                                   ("é", -math.inf)]
-    assert Event.FromString(tbevents.encode_scalars(-3, 0.0, [("x", 1.0)])).step == -3
-    for blob in (b"", b"123456789", data, bytes(range(256)) * 3):
-        want = tb_masked(blob)
-        assert tbevents.masked_crc32c(blob) == want
-        saved, tbevents._crc32c = tbevents._crc32c, None
-        try:
-            assert tbevents.masked_crc32c(blob) == want
-        finally:
-            tbevents._crc32c = saved
-    f = tbevents.EventFile(tmp_path)
-    f.write_record(data)
-    f.close()
-    raw = f.path.read_bytes()
-    records = []
-    while raw:
-        (n,) = struct.unpack("<Q", raw[:8])
-        assert struct.unpack("<I", raw[8:12])[0] == tb_masked(raw[:8])
-        body = raw[12:12 + n]
-        assert struct.unpack("<I", raw[12 + n:16 + n])[0] == tb_masked(body)
-        records.append(Event.FromString(body))
-        raw = raw[16 + n:]
-    assert records[0].file_version == "brain.Event:2" and records[1] == ev
-
-
-def test_recorder_paces_its_own_flush_and_not_a_waited_one(tmp_path: Path) -> None:
-    """The recorder thread's flush converts and encodes rows a few at a time with pauses between them;
-    what reaches SQLite and TensorBoard is the same as an unpaced flush writes."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from workbench.pacing import Pacer
-    from workbench.recorder import Recorder
-
-    def rows(lo: int, hi: int) -> list[dict]:
-        return [{"step": s, "epoch": 0, "train_loss": 1.0 / s, "lr": 0.1, "batch_size": 32, "precision": "fp32",
-                 "grad_norm": 2.0, "samples_per_s": 100.0, "time": 1.8e9 + s} for s in range(lo, hi)]
-
-    pacer = Pacer(duty=0.5)
-    paced = Recorder(RunDB(tmp_path / "a.db"), TBWriter(tmp_path / "tb"), pacer=pacer)
-    plain = Recorder(RunDB(tmp_path / "b.db"), None)
-    for rec in (paced, plain):
-        rec.steps.extend(rows(1, 2001))
-    paced.flush(paced=True)
-    plain.flush()
-    assert pacer.pauses > 0  # 2,000 rows: the recorder stopped between pieces
-    a, b = paced.db.read_steps(), plain.db.read_steps()
-    pd.testing.assert_frame_equal(a, b)
-    assert a["step"].tolist() == list(range(1, 2001))
-    before = pacer.pauses
-    paced.steps.extend(rows(2001, 3001))
-    paced.flush()  # someone waits (end of run, checkpoint): no pauses
-    assert pacer.pauses == before and len(paced.db.read_steps()) == 3000
-    paced.close()
-    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
-    ea.Reload()
-    loss = ea.Scalars("train/loss")
-    assert [e.step for e in loss] == list(range(1, 3001)) and loss[9].value == pytest.approx(0.1)

@@ -57,9 +57,13 @@ def unsupported() -> str | None:
     return None
 
 
-def _arena_dirs() -> list[str]:
+def arena_dirs() -> list[str]:
     """Where arenas may go, best first: /dev/shm (memory-backed on Linux), then the temp folder (the page
-    cache keeps a file that is written and read at once in memory)."""
+    cache keeps a file that is written and read at once in memory). An arena is made in the first of them
+    with room; when none has any, the save is written by this process from private memory instead.
+
+    Arena files are named ``workbench-<pid>-<n>.buf`` (``pid``: the trainer's process); the writer process
+    unlinks each one as soon as it has mapped it, so none outlives a save's buffers."""
     shm = "/dev/shm"
     first = [shm] if os.path.isdir(shm) and os.access(shm, os.W_OK) else []
     return first + [tempfile.gettempdir()]
@@ -118,7 +122,7 @@ class Arena:
     def __init__(self, nbytes: int) -> None:
         self.size = max(int(nbytes), MIN_ARENA)
         name = f"workbench-{os.getpid()}-{next(Arena._names)}.buf"
-        for i, folder in enumerate(dirs := _arena_dirs()):
+        for i, folder in enumerate(dirs := arena_dirs()):
             try:
                 self._map: mmap.mmap | None = self._create(os.path.join(folder, name))
                 break
@@ -279,6 +283,11 @@ class _Client:
         self.ready = threading.Event()  # the process has imported torch and reads messages (or has ended)
         threading.Thread(target=self._read, name="workbench-ckpt-process-reader", daemon=True).start()
 
+    @property
+    def pid(self) -> int:
+        """The writer process's id (to watch it, or to end it and see the thread take over)."""
+        return self._proc.pid
+
     def _read(self) -> None:
         try:
             while True:
@@ -315,7 +324,7 @@ class _Client:
         """Send one checkpoint to the process; returns at once with the job, ``[event, answer]``: once
         the event is set, the answer is None (written), the error's text, or ``_LOST`` (the process
         ended first). None when the message could not be sent (the process has ended). ``pace``: the
-        trainer's team fills every core; ``trainer``: its thread's native id (see :func:`_keep_off`)."""
+        trainer's team fills every core; ``trainer``: its thread's native id (see :func:`keep_off`)."""
         job = [threading.Event(), _LOST]
         with self._lock:
             if self.ended:
@@ -475,14 +484,16 @@ def _tensor(ref: TensorRef, maps: dict[str, mmap.mmap]) -> torch.Tensor:
     return raw.view(dtype).as_strided(ref.shape, ref.stride)
 
 
-def _allowed_cpus() -> set[int]:
+def allowed_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity mask); empty where the system does not say (not
+    Linux). The writer process keeps a save's write within them (see :func:`keep_off`)."""
     try:
         return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return set()
 
 
-def _keep_off(pid: int, trainer: int | None, cpus: set[int]) -> None:
+def keep_off(pid: int, trainer: int | None, cpus: set[int]) -> None:
     """Run the calling thread (the write of a save) on a CPU other than the one the trainer thread
     (native id ``trainer`` in process ``pid``, the parent) is running on; ``trainer`` None: on any of
     ``cpus`` (the trainer's team fills every core, so there is no spare one; the process paces itself
@@ -540,7 +551,7 @@ def main() -> None:
 
     threading.Thread(target=read, name="workbench-ckpt-inbox", daemon=True).start()
     pacer = Pacer(behind=lambda: not inbox.empty())  # any message waiting (a hurry, a newer save) ends pauses
-    cpus = _allowed_cpus()
+    cpus = allowed_cpus()
     maps: dict[str, mmap.mmap] = {}
 
     def answer(*msg: Any) -> bool:
@@ -555,7 +566,7 @@ def main() -> None:
         msg = inbox.get()
         if msg[0] == "save":
             _, job, path, skeleton, pace, trainer = msg
-            _keep_off(os.getppid(), None if pace else trainer, cpus)
+            keep_off(os.getppid(), None if pace else trainer, cpus)
             try:
                 state = _with_tensors(skeleton, lambda ref: _tensor(ref, maps))
                 atomic_save(state, path, pacer if pace else None)

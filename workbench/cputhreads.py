@@ -89,7 +89,7 @@ def release_idle_workers() -> bool:
     Safe at any point outside a parallel region (it is never called inside one: the engine calls it
     from Python between steps). Other threads' pools are untouched; results do not change.
     """
-    if os.environ.get("WORKBENCH_CPU_HANDOVER", "1") == "0":  # opt-out (and the bench's "before" figures)
+    if os.environ.get("WORKBENCH_CPU_HANDOVER", "1") == "0":  # opt-out (and what a bench compares against)
         return False
     fns = _loaded_libgomps()
     for fn in fns:

@@ -146,12 +146,9 @@ class RemoteRun(RunView):
     return tickets, and that refuses at once a request nobody would ever pick up."""
 
     def ask(self, action: str, args: Mapping[str, Any] | None = None, source: str = "dashboard") -> InboxTicket:
-        status = self.status
-        if status in ENDED:
-            raise RuntimeError(f"the run has ended (status {status}); fork it from a checkpoint to continue with "
-                               f"other controls")
-        pid = self.meta.get("pid")
-        if pid is None or int(pid) == os.getpid() or not pid_alive(pid):
+        meta = self.meta
+        pid = meta.get("pid")
+        if meta.get("status") not in ENDED and (pid is None or not pid_alive(pid)):
             raise RuntimeError(f"no process is training this run (its trainer, pid {pid}, is gone); resume it "
                                f"from one of its checkpoints")
         return InboxTicket(self, super().ask(action, args, source))

@@ -405,6 +405,17 @@ class SeriesStore:
         """Total number of rows ever appended since creation / :meth:`clear` (compaction does not reduce it)."""
         return self._appended
 
+    @property
+    def allocated_rows(self) -> int:
+        """Rows of memory allocated now (grows by doubling up to ``capacity``, never past it)."""
+        return self._data.shape[1]
+
+    @property
+    def thinned_rows(self) -> int:
+        """How many of the stored rows, at the start, are the thinned old part: appended rows 0, S, 2S, ...
+        (S = :attr:`stride`); 0 until the first compaction. The rows after them are stored as appended."""
+        return self._old_rows
+
     def column(self, name: str) -> np.ndarray:
         """A copy of one column's stored values."""
         j = self._col(name)

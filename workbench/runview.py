@@ -21,7 +21,7 @@ import yaml
 
 from .diagnosis.alert import health_of
 from .metrics import SeriesStore, downsample
-from .requests import RunFacts, make_request
+from .requests import ENDED, RunFacts, make_request
 from .rundir import DB_NAME, RunDB
 
 STEP_SERIES = ("step", "epoch", "train_loss", "lr", "batch_size", "grad_norm", "samples_per_s")
@@ -166,11 +166,13 @@ class RunView:
             last = self._steps.last() or {}
             ev = self.evals
         epoch = last.get("epoch", 0) or 0
+        last_eval = {} if ev.empty else {"step": int(ev["step"].iloc[-1]), "val_loss": float(ev["val_loss"].iloc[-1]),
+                                         "val_acc": float(ev["val_acc"].iloc[-1])}
         return {"status": meta.get("status", "unknown"), "step": int(last.get("step", 0) or 0),
                 "epoch": int(epoch) if math.isfinite(epoch) else 0,
                 "train_loss": last.get("train_loss"), "lr": last.get("lr"), "samples_per_s": last.get("samples_per_s"),
                 "total_steps": meta.get("total_steps"), "controls": meta.get("controls", {}),
-                "last_eval": ev.iloc[-1].to_dict() if not ev.empty else {}, "run_dir": str(self.run_dir)}
+                "last_eval": last_eval, "run_dir": str(self.run_dir)}
 
     @property
     def lineage(self) -> dict[str, Any]:
@@ -182,7 +184,11 @@ class RunView:
         """Check a request with what the run directory tells (workbench.requests) and post it to the run's
         inbox; returns the request id. The trainer checks the rest (the device's precisions, that an alert
         exists) when it picks the request up, and a refusal comes back with its reason."""
-        req = make_request(action, args, RunFacts(n_train=self.meta.get("n_train")), source)
+        meta = self.meta
+        if meta.get("status") in ENDED:  # no trainer will ever pick the request up
+            raise RuntimeError(f"the run has ended (status {meta['status']}); fork it from a checkpoint to continue "
+                               f"with other controls")
+        req = make_request(action, args, RunFacts(n_train=meta.get("n_train")), source)
         with self._lock:
             if self._inbox_db is None:
                 self._inbox_db = RunDB(self.run_dir / DB_NAME)

@@ -29,7 +29,7 @@ try:  # C implementation when installed (a dependency of the workbench); pure Py
 except ImportError:  # pragma: no cover - exercised only where the package is missing
     _crc32c = None
 
-__all__ = ["EventFile", "crc32c", "masked_crc32c", "encode_scalars"]
+__all__ = ["EventFile", "crc32c", "crc32c_python", "mask_crc32c", "masked_crc32c", "encode_scalars"]
 
 _TABLE: list[int] = []
 for _n in range(256):
@@ -41,9 +41,16 @@ _COUNTER = itertools.count()
 
 
 def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of ``data``."""
+    """CRC-32C (Castagnoli) of ``data``: the ``crc32c`` package's (C) where it is installed, else
+    :func:`crc32c_python`."""
     if _crc32c is not None:
         return _crc32c(data)
+    return crc32c_python(data)
+
+
+def crc32c_python(data: bytes) -> int:
+    """CRC-32C of ``data`` in pure Python (a table per byte): the fallback :func:`crc32c` uses where the C
+    package is missing. The same values, much slower."""
     crc = 0xFFFFFFFF
     table = _TABLE
     for b in data:
@@ -51,10 +58,14 @@ def crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
+def mask_crc32c(crc: int) -> int:
+    """The mask TFRecord puts on a stored CRC-32C (so that a CRC of data holding CRCs stays well-behaved)."""
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def masked_crc32c(data: bytes) -> int:
-    """The masked checksum TFRecord stores (so that a CRC of data holding CRCs stays well-behaved)."""
-    x = crc32c(data)
-    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    """The masked checksum TFRecord stores: ``mask_crc32c(crc32c(data))``."""
+    return mask_crc32c(crc32c(data))
 
 
 def _varint(n: int) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import math
 import os
 import threading
 import time
@@ -353,7 +354,8 @@ class Trainer:
     def snapshot(self) -> dict[str, Any]:
         """A small dict of the current state for status lines (safe to call from any thread)."""
         last = self.runlog.steps.last() or {}
-        return {"status": self.status, "step": self.step_count, "epoch": self.epoch,
+        epoch = last.get("epoch", 0)  # the last step's, as in history (a run read from its directory says the same)
+        return {"status": self.status, "step": self.step_count, "epoch": int(epoch) if math.isfinite(epoch) else 0,
                 "train_loss": last.get("train_loss"), "lr": last.get("lr"), "samples_per_s": last.get("samples_per_s"),
                 "total_steps": self.planned_steps, "controls": self.controls.state_dict(),
                 "last_eval": dict(self.last_eval), "run_dir": str(self.run_dir)}

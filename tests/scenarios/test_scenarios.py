@@ -1,14 +1,16 @@
-"""Every teaching scenario raises its expected alert in time; every healthy run stays quiet.
+"""workbench.scenarios: every teaching scenario raises its expected alert in time; every healthy run stays
+quiet; a preset is looked up by name.
 
 Thresholds are the detectors' defaults; the scenarios are seeded. The per-kind precision/recall over
 several seeds is measured by scripts/diagnosis_report.py (figures in the README's Diagnosis section).
+(The tests of workbench.scenarios live here: a tests/test_scenarios.py would clash with this module's name.)
 """
 from __future__ import annotations
 
 import pytest
 
 from workbench import Trainer
-from workbench.scenarios import SCENARIOS, scenario_config
+from workbench.scenarios import SCENARIOS, get, scenario_config
 
 PATHOLOGIES = [n for n, s in SCENARIOS.items() if s.expect]
 HEALTHY = [n for n, s in SCENARIOS.items() if not s.expect]
@@ -44,3 +46,10 @@ def test_healthy_run_raises_no_warning(name, runs_root):
     loud = [str(a) for a in tr.alerts if a.severity in ("warning", "critical")]
     assert not loud
     assert tr.diagnose()["health"] == "healthy"
+
+
+def test_healthy_teaching_preset_is_documented():
+    sc = get("healthy")
+    assert sc.expect is None and sc.watch
+    with pytest.raises(ValueError, match="scenario.*allowed: lr_too_high"):
+        get("nope")

@@ -5,7 +5,8 @@ on schedule and keeps one alert per episode; ``data_checks`` runs before the fir
 """
 from .alert import KINDS, SEVERITIES, Action, Alert
 from .base import Detector, Signals
-from .diagnoser import DETECTORS, ActivationProbe, Diagnoser, default_detectors
+from .dead_units import ActivationProbe
+from .diagnoser import DETECTORS, Diagnoser, default_detectors
 
 __all__ = ["KINDS", "SEVERITIES", "Action", "Alert", "Detector", "Signals", "DETECTORS", "ActivationProbe",
            "Diagnoser", "default_detectors"]

@@ -1,7 +1,8 @@
 """Dead units: ReLU units that output zero for every input, so they never learn again."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -90,3 +91,48 @@ class DeadUnits(Detector):
                      actions=[Action("Lower the lr 3x", {"lr": lr / 3}),
                               Action("Use LeakyReLU", hint="model_options.activation=leaky_relu"),
                               Action("Initialise biases at zero", hint="model_options.bias_init=0")])
+
+
+class ActivationProbe:
+    """Records which units of each ReLU module fire on a fixed probe batch (for the dead-unit detector).
+
+    ``parts``: in how many slices the batch is best run, so that one slice costs about
+    ``WORK_PER_SLICE`` multiply-adds (parameters x samples, a rough forward cost): 1 for a small model,
+    where a slice would cost more in fixed overhead than it saves, up to ``MAX_PARTS`` for a large one.
+    Deterministic (no timing), so a resumed run probes exactly as the uninterrupted one."""
+
+    WORK_PER_SLICE = 2e7
+    MAX_PARTS = 10
+
+    def __init__(self, model: torch.nn.Module, probe_x: torch.Tensor | None) -> None:
+        self.model, self.x = model, probe_x
+        self.relus = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
+        work = sum(p.numel() for p in model.parameters()) * (len(probe_x) if probe_x is not None else 0)
+        self.parts = int(min(self.MAX_PARTS, max(1, math.ceil(work / self.WORK_PER_SLICE))))
+
+    def __call__(self, part: int = 0, parts: int = 1) -> dict[str, np.ndarray]:
+        """Which units fired on slice ``part`` of ``parts`` of the probe batch (the whole batch by default)."""
+        if self.x is None or not self.relus:
+            return {}
+        n = len(self.x)
+        x = self.x[part * n // parts:(part + 1) * n // parts]
+        if not len(x):
+            return {}
+        fired: dict[str, torch.Tensor] = {}
+
+        def make(name: str) -> Callable:
+            def hook(_m: torch.nn.Module, _inp: Any, out: torch.Tensor) -> None:
+                a = out.detach().reshape(out.shape[0], -1) if out.dim() > 1 else out.detach()[None]
+                fired[name] = (a > 0).any(dim=0)
+            return hook
+        handles = [m.register_forward_hook(make(n)) for n, m in self.relus]
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            self.model.train(was_training)
+            for h in handles:
+                h.remove()
+        return {n: f.cpu().numpy() for n, f in fired.items()}
