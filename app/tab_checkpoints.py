@@ -82,5 +82,6 @@ def checkpoint_table(run_key: str) -> None:
         parts.append(f"**`{name_of(run_key)}`**")
         text = " ".join(parts)
         if lin["children"]:
-            text += " → forks: " + ", ".join(f"`{name_of(c['run'])}` (from step {c['step']})" for c in lin["children"])
+            forks = (f"`{name_of(c['run'])}` (from step {c['step']})" for c in lin["children"])
+            text += " → forks: " + ", ".join(forks)
         st.markdown(f"Lineage: {text}")

@@ -17,13 +17,13 @@ file's mtime (its last byte); every step whose interval overlaps a window counts
 Figures, per model: the stall a save typically causes (the target: the median over saves of the longest
 step during a save, over the median step, <= 2), the worst over all saves beside the hand-written loop's
 own worst at the same places (reported, not held to 2: on a busy 2-core machine the hand loop alone goes
-past it), and both again for the control B at the same step numbers. B runs the same diagnosis ticks, layer statistics and recorder
-writes at those steps and the same host noise reaches both, so A's figure minus B's is what the saves
-themselves cost; "time lost per save" sums that difference over a save's window (median over saves),
-which counts what a writer thread's GIL share costs on every step it overlaps. C's longest step over the
-same places of its own chunks, over its median step, is the floor this machine sets: what the figure
-would be if a save and the workbench cost nothing. The first chunk of
-each side is warm-up.
+past it), and both again for the control B at the same step numbers. B runs the same diagnosis ticks,
+layer statistics and recorder writes at those steps and the same host noise reaches both, so A's figure
+minus B's is what the saves themselves cost; "time lost per save" sums that difference over a save's
+window (median over saves), which counts what a writer thread's GIL share costs on every step it overlaps.
+C's longest step over the same places of its own chunks, over its median step, is the floor this machine
+sets: what the figure would be if a save and the workbench cost nothing. The first chunk of each side is
+warm-up.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The shape of the code: module sizes, import cycles, and which layer may import what.
+"""The shape of the code: module sizes, import cycles, which layer may import what, and a README that names it all.
 
 A facade delegates (the Trainer stays small), modules keep one job (no file grows past a screenful of
 screens), the engine never imports a view library at module level, views import no torch, and no two
@@ -115,3 +115,23 @@ def test_views_import_no_torch_and_the_engine_no_view_library_at_module_level():
                        if "notebook" not in p.parts and p.name != "figures.py"
                        for m, line, top in _imports(p) if top and m.split(".")[0] in VIEW_LIBRARIES]
     assert not views_in_engine
+
+
+def test_the_readme_is_short_and_its_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for word in layout.replace(",", " ").split():
+        named.add(word.strip("`();:").rsplit("/", 1)[-1])
+    missing = []
+    for package in PACKAGES:
+        for path in _files(package):
+            rel = path.relative_to(ROOT / package)
+            if len(rel.parts) > 1:  # a subpackage is named as a folder
+                if f"{rel.parts[0]}/" not in layout:
+                    missing.append(f"{package}/{rel.parts[0]}/")
+            elif path.name != "__init__.py" or package == "workbench":
+                if path.name not in named and not (path.name.startswith("tab_") and "tab_*.py" in layout):
+                    missing.append(f"{package}/{path.name}")
+    assert not sorted(set(missing)), sorted(set(missing))

@@ -88,7 +88,7 @@ class RNGState:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         version, internal, gauss = state["python"]
-        words = internal.tolist() if isinstance(internal, torch.Tensor) else internal  # a list before 2026-11-25
+        words = internal.tolist() if isinstance(internal, torch.Tensor) else internal  # a list in older checkpoints
         random.setstate((version, tuple(words), gauss))
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

@@ -170,7 +170,8 @@ class Panel(widgets.VBox):
         self.lr_text.observe(self._control_handler("lr"), names="value")
 
         self.start_button = self.button("start", "play", self._start, "success")
-        self.pause_button = self.button("pause", "pause", lambda: self._post("pause", self.trainer.pause(source="notebook")))
+        self.pause_button = self.button("pause", "pause",
+                                        lambda: self._post("pause", self.trainer.pause(source="notebook")))
         self.resume_button = self.button("resume", "play", self._resume)
         self.step_n = widgets.BoundedIntText(value=10, min=1, max=10**9, layout=widgets.Layout(width="80px"))
         self.step_button = self.button("step", "step-forward", self._step)
