@@ -1,13 +1,14 @@
 """The run handle: what a view needs from a run, whether the run trains in this process or in another one.
 
-Views (the dashboard, the notebook panel) and the CLI depend on :class:`RunHandle` only. Two implementations:
+The dashboard reads and steers every run through a :class:`RunHandle` (the notebook panel and the CLI hold the
+``Trainer`` of their own process, whose API the handle mirrors). Two implementations:
 
 * :class:`LocalRun` wraps a ``Trainer`` of this process: reads come from its memory, requests go to its queue;
-* :class:`workbench.runview.RunView` reads a run directory another process writes, and posts requests to the
-  run's inbox, which that process's trainer checks and applies.
+* :class:`RemoteRun`, a :class:`workbench.runview.RunView`, reads a run directory another process writes, and
+  posts requests to the run's inbox, which that process's trainer checks and applies.
 
 ``open_run(run_dir)`` gives the right one: the trainer this process registered for the directory (see
-workbench.registry), else a shared ``RunView`` of it. Either way a request returns a :class:`Ticket` that says
+workbench.registry), else a shared ``RemoteRun`` of it. Either way a request returns a :class:`Ticket` that says
 when the trainer applied it, or why it refused. ``launch``, ``resume`` and ``fork`` start a run in this
 process and register it, so every view of the process (every dashboard session) finds it.
 """
