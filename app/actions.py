@@ -32,6 +32,7 @@ class Outcome:
     what: str
     ticket: Any
     created: float = field(default_factory=time.time)
+    message_is_path: bool = False   # the trainer answers with a file's path; the page shows its name
 
     def state(self) -> dict[str, Any]:
         """``{"status": pending | applied | refused | unknown, "step": int | None, "message": str}``."""
@@ -45,8 +46,8 @@ class Outcome:
         s = self.state()
         if s["status"] == "applied":
             where = f" at step {s['step']}" if s["step"] is not None else ""
-            extra = f" ({Path(s['message']).name if self.what == 'save checkpoint' else s['message']})" \
-                if s["message"] else ""
+            message = Path(s["message"]).name if self.message_is_path else s["message"]
+            extra = f" ({message})" if message else ""
             return f"{self.what}: applied{where}{extra}"
         if s["status"] == "refused":
             return f"{self.what}: refused — {s['message']}"
@@ -92,7 +93,7 @@ def _describe(changes: Mapping[str, Any]) -> str:
 def ask(run_dir: str, action: str, args: Mapping[str, Any] | None, what: str, wait: float = WAIT_S) -> Outcome:
     """Post one request of the engine's vocabulary to the run and wait up to ``wait`` s for its fate."""
     ticket = handle.open_run(run_dir).ask(action, args, source="dashboard")
-    return Outcome(run_dir, what, ticket.wait(wait))
+    return Outcome(run_dir, what, ticket.wait(wait), message_is_path=action == "checkpoint")
 
 
 def apply_controls(run_dir: str, changes: Mapping[str, Any], wait: float = WAIT_S) -> Outcome:

@@ -12,9 +12,8 @@ from .ui import (attempt, cb_demo, control_inputs, flash, guarded, name_of, reco
                  sync_inputs, wanted_controls)
 
 
-def where_text(run_key: str) -> str:
-    """Who trains the run, in words."""
-    who = runs.owner(run_key)
+def where_text(who: dict) -> str:
+    """Who trains the run (a run handle's ``owner()``), in words."""
     if who["where"] == "app":
         return "trained in this app"
     if who["where"] == "process":
@@ -66,11 +65,12 @@ def sidebar_ui() -> str | None:
 
 
 def controls_ui(run_key: str) -> None:
-    snap = handle.open_run(run_key).snapshot()
+    run = handle.open_run(run_key)
+    snap = run.snapshot()
     ss["_status_seen"] = (run_key, snap["status"])
-    who = runs.owner(run_key)
+    who = run.owner()
     st.subheader("Controls")
-    st.caption(where_text(run_key))
+    st.caption(where_text(who))
     sync_inputs("ctl", run_key, snap.get("controls") or {})
     control_inputs("ctl")
     steerable = who["alive"] or (who["where"] == "app" and snap["status"] not in ENDED)

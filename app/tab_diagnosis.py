@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from workbench import handle, runs
+from workbench import handle
 
 from . import actions, settings
 from .ui import SEVERITY_COLORS, attempt, guarded, record, show_flash
@@ -37,7 +37,7 @@ def diagnosis_view(run_key: str) -> None:
             st.success("No problems detected so far.")
             return
         current = [a for a in alerts if a["open"]]
-        steerable = runs.owner(run_key)["alive"]  # here or through the inbox
+        steerable = run.owner()["alive"]  # here or through the inbox
         for a in current or alerts[:5]:
             alert_card(run_key, a, steerable)
         if len(current) < len(alerts):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench import handle, runs
+from workbench import handle
 from workbench.requests import ENDED
 
 from . import live, settings
@@ -19,7 +19,7 @@ def live_ui(run_key: str | None) -> None:
         st.info("No run yet. Click **Start the demo run** in the sidebar, or launch one in the Launch tab.")
         return
     st.toggle("Log-scale loss", key="live_log_y", value=True)
-    going = runs.owner(run_key)["alive"] or ss.get("_status_seen", (None, ""))[1] not in ENDED
+    going = handle.open_run(run_key).owner()["alive"] or ss.get("_status_seen", (None, ""))[1] not in ENDED
     st.fragment(run_every=settings.LIVE_REFRESH_S if going else None)(live_view)(run_key, bool(ss.live_log_y))
 
 
@@ -36,7 +36,7 @@ def live_view(run_key: str, log_y: bool) -> None:
             st.rerun(scope="app")  # the run started/paused/ended: refresh the controls and lists too
         ev = snap.get("last_eval") or {}
         st.markdown(f"### {name_of(run_key)} — :{STATUS_COLORS.get(status, 'gray')}[{status}]")
-        st.caption(f"{where_text(run_key)} · {run_key}")
+        st.caption(f"{where_text(run.owner())} · {run_key}")
         total = snap.get("total_steps")
         if total:
             st.progress(min(1.0, snap["step"] / total), text=f"step {snap['step']} of {total} · epoch {snap['epoch']}")

@@ -22,12 +22,11 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import registry
 from .requests import ENDED, RunFacts, make_request
 from .runs import owner, pid_alive
-from .runview import RunView
+from .runview import RunView, newest_first, read_config
 
 
 class Ticket(Protocol):
@@ -57,6 +56,7 @@ class RunHandle(Protocol):
     def config(self) -> dict[str, Any]: ...
     def alert_list(self) -> list[dict[str, Any]]: ...
     def health(self) -> dict[str, Any]: ...
+    def owner(self) -> dict[str, Any]: ...
     def ask(self, action: str, args: Mapping[str, Any] | None = None, source: str = "dashboard") -> Any: ...
 
 
@@ -125,18 +125,21 @@ class LocalRun:
     @property
     def config(self) -> dict[str, Any]:
         """The run's config.yaml (it also holds the resolved seed, device and library versions)."""
-        path = self.run_dir / "config.yaml"
-        return (yaml.safe_load(path.read_text()) or {}) if path.exists() else self.trainer.cfg.to_dict()
+        saved = read_config(self.run_dir)
+        return saved if saved is not None else self.trainer.cfg.to_dict()
 
     def alert_list(self) -> list[dict[str, Any]]:
         """Every alert, newest first, each with ``open`` (its episode goes on and it is not dismissed)."""
         open_ids = {a.id for a in self.trainer.diagnose()["alerts"]}
-        return sorted((dict(a.to_dict(), open=a.id in open_ids) for a in self.trainer.alerts),
-                      key=lambda a: (a.get("step", 0), a.get("id", 0)), reverse=True)
+        return newest_first(dict(a.to_dict(), open=a.id in open_ids) for a in self.trainer.alerts)
 
     def health(self) -> dict[str, Any]:
         d = self.trainer.diagnose()
         return {"health": d["health"], "summary": d["summary"]}
+
+    def owner(self) -> dict[str, Any]:
+        """Who trains the run (workbench.runs.owner): this process."""
+        return owner(self.run_dir)
 
     def ask(self, action: str, args: Mapping[str, Any] | None = None, source: str = "dashboard") -> LocalTicket:
         return LocalTicket(self.trainer.ask(action, args, source))
@@ -153,6 +156,10 @@ class RemoteRun(RunView):
             raise RuntimeError(f"no process is training this run (its trainer, pid {pid}, is gone); resume it "
                                f"from one of its checkpoints")
         return InboxTicket(self, super().ask(action, args, source))
+
+    def owner(self) -> dict[str, Any]:
+        """Who trains the run (workbench.runs.owner), from the metadata this view reads anyway."""
+        return owner(self.run_dir, self.meta)
 
 
 _views: dict[str, RemoteRun] = {}

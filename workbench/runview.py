@@ -13,7 +13,7 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -102,8 +102,7 @@ class RunView:
     @property
     def config(self) -> dict[str, Any]:
         """The run's config.yaml as a dict (empty when missing)."""
-        path = self.run_dir / "config.yaml"
-        return yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+        return read_config(self.run_dir) or {}
 
     @property
     def history(self) -> pd.DataFrame:
@@ -139,8 +138,7 @@ class RunView:
     def alert_list(self) -> list[dict[str, Any]]:
         """Every alert, newest first, each with ``open`` (not dismissed: the event log does not say when an
         episode ended)."""
-        return sorted((dict(a, open=not a["dismissed"]) for a in self.alerts),
-                      key=lambda a: (a.get("step", 0), a.get("id", 0)), reverse=True)
+        return newest_first(dict(a, open=not a["dismissed"]) for a in self.alerts)
 
     def health(self) -> dict[str, Any]:
         """The run's health in one word (from its open alerts) and a one-line summary."""
@@ -231,6 +229,18 @@ def alerts_in(events: pd.DataFrame) -> list[dict[str, Any]]:
     dismissed = {int(d.get("alert", -1)) for d in events.loc[events["kind"] == "dismiss", "data"]}
     return [dict(d, dismissed=bool(d.get("dismissed")) or int(d.get("id", -1)) in dismissed)
             for d in events.loc[events["kind"] == "alert", "data"]]
+
+
+def newest_first(alerts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Alerts as dicts, the newest (latest step, then highest id) first."""
+    return sorted(alerts, key=lambda a: (a.get("step", 0), a.get("id", 0)), reverse=True)
+
+
+def read_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """A run directory's config.yaml (it also holds the resolved seed, device and library versions); None when
+    the file is missing."""
+    path = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else None
 
 
 def _resume_mark(meta: Mapping[str, Any]) -> tuple:
