@@ -17,11 +17,11 @@ import yaml
 
 from workbench import handle
 from workbench.config import TrainConfig, parse_override
-from workbench.controls import CONTROL_NAMES
+from workbench.controls import CONTROL_NAMES, CONTROLS
 
 from . import settings
 
-WAIT_S = 2.0          # how long a click waits for the trainer to apply a request before showing "pending"
+WAIT_S = 0.5          # how long a click waits for the trainer before showing "pending" (a fragment follows it)
 
 
 @dataclass
@@ -90,9 +90,27 @@ def _describe(changes: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- steering
+@dataclass
+class Refused:
+    """The ticket of a request the engine refused before queueing it (bad input, a run nobody trains)."""
+
+    message: str
+
+    def state(self) -> dict[str, Any]:
+        return {"status": "refused", "step": None, "message": self.message}
+
+    def wait(self, timeout: float | None = None) -> "Refused":
+        return self
+
+
 def ask(run_dir: str, action: str, args: Mapping[str, Any] | None, what: str, wait: float = WAIT_S) -> Outcome:
-    """Post one request of the engine's vocabulary to the run and wait up to ``wait`` s for its fate."""
-    ticket = handle.open_run(run_dir).ask(action, args, source="dashboard")
+    """Post one request of the engine's vocabulary to the run and wait up to ``wait`` s for its fate. A
+    request the engine refuses at once is an outcome too (refused, with the engine's reason), so every
+    click is listed with its answer."""
+    try:
+        ticket = handle.open_run(run_dir).ask(action, args, source="dashboard")
+    except (ValueError, TypeError, RuntimeError) as e:
+        return Outcome(run_dir, what, Refused(str(e)))
     return Outcome(run_dir, what, ticket.wait(wait), message_is_path=action == "checkpoint")
 
 
@@ -124,6 +142,31 @@ def dismiss_alert(run_dir: str, alert_id: int, wait: float = WAIT_S) -> Outcome:
     return ask(run_dir, "dismiss", {"alert": int(alert_id)}, f"dismiss alert {alert_id}", wait)
 
 
+def checkpoint_controls(run: Any, path: str) -> dict[str, Any]:
+    """The live controls in force when ``path`` was saved: what a fork from it starts with.
+
+    Read from the run's event log: the checkpoint's own event names them; a run that logged none there is
+    replayed (its config's values, then every control change logged before that checkpoint). Falls back to
+    the run's controls in force when the log does not mention the file."""
+    events = run.events
+    rows = events.to_dict("records") if len(events) else []
+    at = next((i for i in range(len(rows) - 1, -1, -1) if rows[i]["kind"] == "checkpoint"
+               and str((rows[i]["data"] or {}).get("path")) == str(path)), None)
+    current = dict(run.snapshot().get("controls") or {})
+    if at is None:
+        return current
+    saved = (rows[at]["data"] or {}).get("controls")
+    if saved:
+        return {spec.name: saved.get(spec.name, current.get(spec.name)) for spec in CONTROLS}
+    config = run.config or {}
+    out = {spec.name: config.get(spec.name, current.get(spec.name)) for spec in CONTROLS}
+    for row in rows[:at]:
+        d = row["data"] or {}
+        if row["kind"] == "control" and d.get("field") in out:
+            out[d["field"]] = d.get("new")
+    return out
+
+
 # ---------------------------------------------------------------------------- launching
 def base_config(kind: str, yaml_path: str | None = None, scenario: str | None = None) -> TrainConfig:
     """The config a launch starts from: built-in defaults, a YAML file, or a teaching scenario."""
@@ -133,6 +176,7 @@ def base_config(kind: str, yaml_path: str | None = None, scenario: str | None = 
         path = Path(yaml_path).expanduser()
         if not path.is_absolute() and not path.exists() and (settings.REPO / path).exists():
             path = settings.REPO / path
+        path = settings.confine(path, "config")  # before anything is read: no content of a refused file is shown
         if not path.is_file():
             raise ValueError(f"config: {yaml_path!r} is not a file; allowed: a YAML file of config fields")
         return TrainConfig.from_yaml(path)
@@ -166,6 +210,10 @@ def build_config(base: TrainConfig, fields: Mapping[str, Any], overrides: str = 
     values["run_dir"] = None
     if runs_root is not None:
         values["runs_root"] = runs_root
+    values["runs_root"] = str(settings.confine(values["runs_root"], "runs_root"))
+    dataset = values.get("dataset")
+    if isinstance(dataset, str) and dataset.strip().lower().startswith("csv:"):  # every spelling the loader reads
+        values["dataset"] = "csv:" + str(settings.confine(dataset.strip()[4:].strip(), "dataset"))
     return TrainConfig.from_dict(values)
 
 

@@ -28,13 +28,14 @@ from app.tab_diagnosis import diagnosis_ui  # noqa: E402
 from app.tab_launch import launch_ui  # noqa: E402
 from app.tab_live import live_ui  # noqa: E402
 from app.tab_runs import runs_ui  # noqa: E402
+from app.tab_sweep import sweep_ui  # noqa: E402
 from app.tab_tensorboard import tensorboard_ui  # noqa: E402
 from app.ui import attempt, guarded, select_run, ss  # noqa: E402
 from workbench import registry  # noqa: E402
 
 TABS = (":material/monitoring: Live", ":material/list: Runs", ":material/rocket_launch: Launch",
         ":material/stethoscope: Diagnosis", ":material/save: Checkpoints", ":material/compare_arrows: Compare",
-        ":material/bar_chart: TensorBoard")
+        ":material/bar_chart: TensorBoard", ":material/tune: Sweep")
 
 
 def main() -> None:
@@ -51,7 +52,8 @@ def main() -> None:
     run_key = sidebar_ui()
     sections = (("live", lambda: live_ui(run_key)), ("runs", runs_ui), ("launch", launch_ui),
                 ("diagnosis", lambda: diagnosis_ui(run_key)), ("checkpoints", lambda: checkpoints_ui(run_key)),
-                ("compare", lambda: compare_ui(run_key)), ("tensorboard", lambda: tensorboard_ui(run_key)))
+                ("compare", lambda: compare_ui(run_key)), ("tensorboard", lambda: tensorboard_ui(run_key)),
+                ("sweep", sweep_ui))
     for tab, (title, draw) in zip(st.tabs(TABS), sections):
         with tab, guarded(title):
             draw()

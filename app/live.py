@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from workbench import figures
 from workbench.chartdata import ChartData, chart_data
 
-N_OUT = 2000            # points per trace
+N_OUT = 1000            # points per trace (a 1,000-pixel-wide chart shows no more; each costs the browser)
 RECENT_EVENTS = 8
 
 
@@ -36,6 +36,20 @@ class LivePayload:
     recent: pd.DataFrame          # the newest change/checkpoint/alert markers: step, kind, what
 
 
+def cost_text(snap: dict[str, Any]) -> str:
+    """Effective batch (per-process batch x accumulation x processes), time to the planned end and, for
+    Transformer-like models, the 6·N·D FLOP/s achieved (workbench.cost), from a run's snapshot."""
+    c, world = snap.get("controls") or {}, int(snap.get("world_size") or 1)
+    batch = int(c.get("batch_size") or 0) * int(c.get("accumulate") or 1)
+    parts = [f"effective batch {batch * world:,}" + (f" ({batch:,} x {world} processes)" if world > 1 else "")]
+    eta = snap.get("eta_s")
+    if eta is not None:
+        parts.append(f"about {eta / 60:.1f} min to the end" if eta >= 90 else f"about {eta:.0f} s to the end")
+    if snap.get("flop_s"):
+        parts.append(f"{snap['flop_s'] / 1e9:,.2f} GFLOP/s (6·N·D)")
+    return " · ".join(parts)
+
+
 # figure name -> (builder, the ChartData series it draws, whether it draws the markers, whether it draws layers)
 FIGURES: dict[str, tuple[Callable[..., go.Figure], tuple[str, ...], bool, bool]] = {
     "loss": (figures.loss_figure, ("train_loss", "val_loss"), True, False),
@@ -44,6 +58,7 @@ FIGURES: dict[str, tuple[Callable[..., go.Figure], tuple[str, ...], bool, bool]]
     "val_acc": (figures.accuracy_figure, ("val_acc",), True, False),
     "layer_grad_norm": (figures.layer_heatmap, (), False, True),
     "update_ratio": (figures.update_ratio_figure, (), False, True),
+    "metrics": (figures.metrics_figure, (), False, False),   # the other eval metrics, drawn when a run has any
 }
 _figure_cache: OrderedDict[tuple, tuple[tuple, go.Figure]] = OrderedDict()
 _figure_lock = threading.Lock()
@@ -66,20 +81,35 @@ def _signature(data: ChartData, names: tuple[str, ...], markers: bool, layers: b
     return tuple(sig)
 
 
-def build_figures(key: str, data: ChartData, log_y: bool = True) -> dict[str, go.Figure]:
+def build_figures(key: str, data: ChartData, log_y: bool = True, smooth: float = 0.0,
+                  cache: bool = True) -> dict[str, go.Figure]:
     """The live view's figures (those of ``figures.all_figures``); a figure whose data did not change since
     the last refresh of the same run is reused instead of rebuilt (a paused or ended run costs no plotly work,
-    and between two evaluations only the per-step charts are redrawn)."""
+    and between two evaluations only the per-step charts are redrawn).
+
+    Each figure's ``uirevision`` names the run, the chart and its axis type: plotly keeps a user's zoom,
+    pan and hidden legend entries across refreshes while it stays the same, and resets them when the view
+    shows another run or switches between linear and log scale."""
     out: dict[str, go.Figure] = {}
     for name, (builder, names, markers, layers) in FIGURES.items():
-        sig = _signature(data, names, markers, layers, log_y)
+        if name == "metrics":
+            names = tuple(figures.other_metrics(data))
+            if not names:
+                continue
+        sig = (_signature(data, names, markers, layers, log_y), smooth if name in SMOOTHED else 0.0)
         ck = (key, name)
         with _figure_lock:
-            hit = _figure_cache.get(ck)
+            hit = _figure_cache.get(ck) if cache else None
         if hit is not None and hit[0] == sig:
             out[name] = hit[1]
             continue
         fig = builder(data, log_y=log_y) if name == "loss" else builder(data)
+        if name in SMOOTHED and smooth > 0:
+            add_smoothed(fig, SMOOTHED[name], smooth)
+        fig.update_layout(uirevision=f"{key}|{name}|{'log' if log_y and name == 'loss' else 'lin'}")
+        if not cache:
+            out[name] = fig
+            continue
         with _figure_lock:
             _figure_cache[ck] = (sig, fig)
             _figure_cache.move_to_end(ck)
@@ -89,13 +119,44 @@ def build_figures(key: str, data: ChartData, log_y: bool = True) -> dict[str, go
     return out
 
 
-def live_payload(run: Any, log_y: bool = True, n_out: int = N_OUT, cache: bool = True) -> LivePayload:
+# figure -> the name of its trace that a smoothing weight applies to (the noisy per-step ones)
+SMOOTHED = {"loss": "train loss", "grad_norm": "grad_norm"}
+
+
+def ema(y: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's smoothing: an exponential moving average with weight ``weight`` (0: none), debiased so
+    the first points are not pulled toward zero; NaN points are skipped and stay NaN."""
+    y = np.asarray(y, dtype=float)
+    out = np.full(len(y), np.nan)
+    acc, n = 0.0, 0
+    for i, v in enumerate(y):
+        if not math.isfinite(v):
+            continue
+        acc = acc * weight + (1 - weight) * v
+        n += 1
+        out[i] = acc / (1 - weight ** n)
+    return out
+
+
+def add_smoothed(fig: go.Figure, trace_name: str, weight: float) -> None:
+    """Draw ``trace_name`` faint and its smoothed curve on top, as TensorBoard does."""
+    raw = next((t for t in fig.data if (t.name or "").lower() == trace_name), None)
+    if raw is None or raw.y is None or not len(raw.y):
+        return
+    raw.update(opacity=0.3, showlegend=True)
+    fig.add_trace(go.Scatter(x=raw.x, y=ema(np.asarray(raw.y, dtype=float), weight), mode="lines",
+                             name=f"{trace_name} (smoothed {weight:.2f})", line=dict(color=raw.line.color, width=2),
+                             yaxis=raw.yaxis))
+
+
+def live_payload(run: Any, log_y: bool = True, n_out: int = N_OUT, cache: bool = True,
+                 smooth: float = 0.0) -> LivePayload:
     """Refresh ``run`` (a run handle: workbench.handle) and build the live view's figures."""
     run.refresh()
     snap = run.snapshot()
     data = chart_data(run, n_out=n_out)
     key = str(run.run_dir)
-    figs = build_figures(key, data, log_y) if cache else figures.all_figures(data, log_y=log_y)
+    figs = build_figures(key, data, log_y, smooth, cache)
     _, lr = data.series.get("lr", ([], []))
     lr_now = float(lr[-1]) if len(lr) and math.isfinite(float(lr[-1])) else None
     recent = pd.DataFrame([{"step": m["step"], "event": m["kind"], "what": m["label"]}
@@ -109,6 +170,12 @@ def freeze_long_lived() -> None:
     occasional refresh. Called once per process, after the imports (``gc.freeze``)."""
     gc.collect()
     gc.freeze()
+
+
+def kpi(value: Any, missing: str = "-") -> str:
+    """A headline number short enough for a metric tile (at most ~8 characters: 0.0001234 -> 1.23e-04)."""
+    text = fmt(value, ".4g", missing)
+    return fmt(value, ".2e", missing) if len(text) > 8 else text
 
 
 def fmt(value: Any, spec: str = ".4g", missing: str = "-") -> str:

@@ -8,6 +8,7 @@ from workbench import figures, handle, runs
 from workbench.chartdata import chart_data
 
 from . import compare, settings
+from .charts import chart_grid
 from .ui import guarded, name_of, root, ss
 
 COMPARE_METRICS = ("train_loss", "val_loss", "val_acc", "lr", "grad_norm")
@@ -19,7 +20,8 @@ def compare_ui(run_key: str | None) -> None:
         st.info("No runs to compare yet.")
         return
     keys = list(table["key"])
-    if "compare_runs" not in ss and run_key:
+    if run_key and ss.get("_compare_for") != run_key:  # another run selected: compare its family
+        ss["_compare_for"] = run_key
         lin = runs.lineage(run_key, root())
         family = [a["run"] for a in lin["ancestors"]] + [run_key] + [c["run"] for c in lin["children"]]
         ss["compare_runs"] = [k for k in family if k in keys]
@@ -38,9 +40,11 @@ def compare_view(chosen: tuple[str, ...], metric: str, log_y: bool) -> None:
     with guarded("compare"):
         handles = {name_of(k): handle.open_run(k) for k in chosen}
         fig = figures.compare_figure({n: chart_data(h) for n, h in handles.items()}, metric=metric, log_y=log_y)
-        st.plotly_chart(fig, key="compare_chart", config={"displaylogo": False})
+        fig.update_layout(uirevision=f"{metric}|{log_y}")  # zoom holds across refreshes, not across metrics
+        chart_grid({"compare": fig}, key="compare_chart", columns=1)
         st.dataframe(compare.metrics_table(handles), hide_index=True)
-        diff = compare.config_diff({n: h.config for n, h in handles.items()})
+        # a run's name is its directory's (a fork's config.yaml carries its parent's name from the checkpoint)
+        diff = compare.config_diff({n: {**h.config, "name": n} for n, h in handles.items()})
         only = st.toggle("Only the fields that differ", key="compare_only_diff", value=True)
         shown = diff[diff["differs"]] if only else diff
         st.caption("Config fields (rows that differ between the runs are shaded)")

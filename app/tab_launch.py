@@ -2,6 +2,8 @@
 What it offers comes from the engine's own lists (data sets, models, optimizers, schedules, precisions)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from workbench import handle, registry
@@ -34,6 +36,9 @@ def cb_launch() -> None:
                 target = (ss.get("launch_csv_target") or "").strip()
                 fields["dataset_options"] = {"target": target} if target else {}
             fields["dataset"], fields["model"] = ds, ss.get("launch_model", "mlp")
+        if fields["name"] is None:  # a name that says what the run is (its folder), not a time stamp
+            fields["name"] = run_name(kind, fields.get("dataset") or base.dataset, fields.get("model") or base.model,
+                                      ss.get("launch_yaml"), ss.get("launch_scenario"))
         cfg = actions.build_config(base, fields, ss.get("launch_overrides", ""), runs_root=root())
         tr = handle.launch(cfg, paused=bool(ss.get("launch_paused")))
         select_run(registry.key(tr.run_dir))
@@ -41,6 +46,17 @@ def cb_launch() -> None:
                                    f"lr {cfg.lr:g}): watch it in the Live tab.")
 
     attempt("launch", go)
+
+
+def run_name(kind: str, dataset: str | None, model: str | None, yaml_path: str | None, scenario: str | None) -> str:
+    """The folder name of a launched run when none is given: the scenario, the YAML file, or data-model
+    (``digits-mlp``); the run folder gets -2, -3, ... when it exists."""
+    if kind == "Scenario" and scenario:
+        return scenario
+    if kind == "YAML config" and yaml_path:
+        return Path(yaml_path).stem
+    data = Path(dataset.partition(":")[2]).stem if (dataset or "").startswith("csv:") else dataset
+    return "-".join(str(p) for p in (data, model) if p) or "run"
 
 
 def sync_launch_form(sig: tuple, base: TrainConfig) -> None:
@@ -65,7 +81,7 @@ def sync_launch_form(sig: tuple, base: TrainConfig) -> None:
 
 def launch_ui() -> None:
     st.button("Start the demo run (one click)", key="launch_demo", on_click=cb_demo, icon=":material/play_arrow:",
-              help="configs/demo.yaml: an MLP on the 8x8 digits, Adam, warmup-cosine, 15 epochs, seed 0")
+              help="configs/demo.yaml: an MLP on the 8x8 digits that trains for a few minutes (stop it any time)")
     show_flash("demo")
     st.markdown("**Or set up a run**")
     ss.setdefault("launch_source", LAUNCH_KINDS[0])

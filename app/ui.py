@@ -3,6 +3,7 @@ the live-control inputs, which are drawn from the engine's list of controls (wor
 so the dashboard offers the same controls as the notebook panel and the CLI."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -80,7 +81,10 @@ def fmt_time(t: Any) -> str:
 
 def root() -> str:
     """The runs folder the page lists."""
-    return str(Path(ss.get("runs_root") or settings.DEFAULT_RUNS).expanduser().resolve())
+    try:  # a folder outside those the dashboard may use is refused (the sidebar says why): the launch root instead
+        return str(settings.confine(ss.get("runs_root") or settings.DEFAULT_RUNS, "runs folder"))
+    except ValueError:
+        return settings.parse_options().runs
 
 
 def name_of(run_key: str) -> str:
@@ -104,9 +108,10 @@ def _text(value: Any) -> str:
 
 
 def sync_inputs(prefix: str, run_key: str, controls: dict[str, Any]) -> None:
-    """Load the controls in force into the ``prefix_*`` inputs when the run or its controls change."""
+    """Load the controls in force into the ``prefix_*`` inputs when the run or its controls change, or when
+    Streamlit dropped the inputs' values (it does for widgets a run did not draw)."""
     sig = (run_key, tuple(sorted((k, repr(v)) for k, v in controls.items())))
-    if ss.get(f"_{prefix}_sig") == sig:
+    if ss.get(f"_{prefix}_sig") == sig and all(f"{prefix}_{spec.name}" in ss for spec in CONTROLS):
         return
     ss[f"_{prefix}_sig"] = sig
     for spec in CONTROLS:
@@ -119,21 +124,51 @@ def sync_inputs(prefix: str, run_key: str, controls: dict[str, Any]) -> None:
             ss[f"{prefix}_{spec.name}"] = _text(value)
 
 
-def control_inputs(prefix: str) -> None:
-    """One input per live control, two to a row."""
-    st.text_input(CONTROLS[0].label, key=f"{prefix}_{CONTROLS[0].name}", help=CONTROLS[0].help)
+def control_inputs(prefix: str, values: dict[str, Any] | None = None, origin: str = "",
+                   fixed: dict[str, str] | None = None) -> None:
+    """One input per live control, two to a row; a control in ``fixed`` (the run cannot change it: the run
+    handle's ``fixed_controls``) is shown greyed out, its help saying why.
+
+    With ``values`` the inputs start at them and belong to ``origin`` (e.g. a checkpoint): their keys carry a
+    digest of both, so another origin gets new inputs that show its values. Values written into session
+    state beforehand (``sync_inputs``) are not shown by inputs that a fragment's rerun draws for the first
+    time; an input's own ``value`` always is."""
+    rev = ""
+    if values is not None:
+        rev = "_" + hashlib.sha1(repr((origin, sorted(values.items(), key=lambda kv: kv[0]))).encode()).hexdigest()[:8]
+    ss[f"_{prefix}_rev"] = rev
+
+    def start(spec: Any) -> dict[str, Any]:
+        if values is None:
+            return {}
+        v = values.get(spec.name)
+        if spec.kind == "integer":
+            return {"value": int(v or 1)}
+        if spec.kind == "choice":
+            return {"index": spec.choices.index(v) if v in spec.choices else 0}
+        return {"value": _text(v)}
+
+    fixed = fixed or {}
+
+    def opts(spec: Any) -> dict[str, Any]:
+        why = fixed.get(spec.name)
+        return {"help": f"Fixed in this run: {why}" if why else spec.help, "disabled": bool(why), **start(spec)}
+
+    first = CONTROLS[0]
+    st.text_input(first.label, key=f"{prefix}_{first.name}{rev}", **opts(first))
     rest = CONTROLS[1:]
     for i in range(0, len(rest), 2):
         for col, spec in zip(st.columns(2), rest[i:i + 2]):
-            key = f"{prefix}_{spec.name}"
+            key = f"{prefix}_{spec.name}{rev}"
             if spec.kind == "integer":
-                col.number_input(spec.label, key=key, step=1, help=spec.help)
+                col.number_input(spec.label, key=key, step=1, **opts(spec))
             elif spec.kind == "choice":
-                col.selectbox(spec.label, spec.choices, key=key, help=spec.help)
+                col.selectbox(spec.label, spec.choices, key=key, **opts(spec))
             else:
-                col.text_input(spec.label, key=key, help=spec.help)
+                col.text_input(spec.label, key=key, **opts(spec))
 
 
 def wanted_controls(prefix: str) -> dict[str, Any]:
     """The values the ``prefix_*`` inputs hold, by control name."""
-    return {spec.name: ss.get(f"{prefix}_{spec.name}") for spec in CONTROLS}
+    rev = ss.get(f"_{prefix}_rev", "")
+    return {spec.name: ss.get(f"{prefix}_{spec.name}{rev}") for spec in CONTROLS}

@@ -13,7 +13,7 @@ control/checkpoint/alert events — then times the function the live fragment ru
 Reported: the first refresh (it loads the whole history) separately; then p50/p99 of repeated refreshes,
 idle (nothing new: the figures are reused) and live (50 new steps, an eval and layer rows arrive before
 each refresh, so all six figures are rebuilt; writing the rows is not timed), after ``gc.freeze()`` of the
-imported modules as the dashboard does; the JSON size/time of the figures (what ``st.plotly_chart``
+imported modules as the dashboard does; the JSON size/time of the figures (what the chart grid, ``app.charts``,
 sends); the most points in any trace. The budget is 300 ms for a refresh (p50 of the live case).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from app import live  # noqa: E402
+from app import charts, live  # noqa: E402
 from workbench.handle import RemoteRun  # noqa: E402
 from workbench import figures  # noqa: E402
 from workbench.config import TrainConfig  # noqa: E402
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         p = live.live_payload(w)
         live_ms.append((time.perf_counter() - t0) * 1e3)
         t1 = time.perf_counter()
-        size = sum(len(f.to_json()) for f in p.figures.values())
+        size = sum(len(charts.figure_json(f)) for f in p.figures.values())
         json_ms.append((time.perf_counter() - t1) * 1e3)
         json_kb.append(size / 1024)
         max_points = max(max_points, max(figures.trace_points(f) for f in p.figures.values()))
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| refresh, nothing new (figures reused) | {repeats} | {pct(idle, 50):.1f} | {pct(idle, 99):.1f} | {max(idle):.1f} |")
     print(f"| refresh, 50 new steps + eval + layer rows each (all figures rebuilt) | {repeats} | {pct(live_ms, 50):.1f} | {pct(live_ms, 99):.1f} | "
           f"{max(live_ms):.1f} |")
-    print(f"| + figures to JSON (sent by st.plotly_chart, {statistics.median(json_kb):.0f} KiB) | {repeats} | "
+    print(f"| + figures to JSON (sent to the chart grid, {statistics.median(json_kb):.0f} KiB) | {repeats} | "
           f"{pct(json_ms, 50):.1f} | {pct(json_ms, 99):.1f} | {max(json_ms):.1f} |")
     print(f"\nmost points in any trace: {max_points} (6 figures)")
     ok = pct(live_ms, 50) < BUDGET_MS

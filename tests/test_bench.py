@@ -10,7 +10,7 @@ import pytest
 from conftest import PYTHON, ROOT
 
 SCRIPTS = ["overhead.py", "instrumentation.py", "precision.py", "checkpoint_stall.py",
-           "checkpoint_stall.py --breakdown", "refresh.py", "control_latency.py"]
+           "checkpoint_stall.py --breakdown", "refresh.py", "control_latency.py", "own_model.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

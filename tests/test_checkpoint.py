@@ -183,24 +183,25 @@ def test_rng_state_reads_python_again_exactly_when_its_generator_moved():
     assert [random.gauss() for _ in range(3)] == expected
 
 
-def test_paced_writer_catches_up_when_a_newer_save_waits(tmp_path):
-    """Each waiting save holds a host copy of the state: a writer that is behind stops pausing."""
+def test_paced_writer_catches_up_when_a_newer_save_waits_and_a_newer_one_replaces_it(tmp_path):
+    """A save waiting behind the one being written makes the writer stop pausing; at most one waits: a newer
+    replaceable save takes its place (its buffers are reused), so memory holds two copies at most."""
     pacer = Pacer(duty=0.05)
-    writer = AsyncWriter(lambda p, e: None, pacer)
+    replaced = []
+    writer = AsyncWriter(lambda p, e: None, pacer, on_replaced=replaced.append)
     state = {"w": torch.randn(512, 1024)}  # 2 MB: several pieces
-    pauses: dict[str, int] = {}
-    release = threading.Event()
+    release, held = threading.Event(), threading.Event()
 
-    def hold(p):  # the first save's callback keeps the writer busy until both others are queued
+    def hold(p):  # the first save's callback keeps the writer busy until the others are handed over
+        held.set()
         release.wait(10)
-        pauses["before"] = pacer.pauses
     writer.submit({"x": 1}, tmp_path / "first.pt", hold)
-    writer.submit(state, tmp_path / "a.pt", lambda p: pauses.__setitem__("a", pacer.pauses))
-    writer.submit(state, tmp_path / "b.pt", lambda p: pauses.__setitem__("b", pacer.pauses))
+    assert held.wait(10) and not writer.behind()
+    writer.submit(state, tmp_path / "a.pt", lambda p: None, replaceable=True)
+    assert writer.behind() and not pacer._pacing()  # a newer save waits: no pauses for the one written
+    writer.submit(state, tmp_path / "b.pt", lambda p: None, replaceable=True)
+    assert replaced == [tmp_path / "a.pt"]
     release.set()
-    deadline = time.monotonic() + 30
-    while "b" not in pauses and time.monotonic() < deadline:  # not writer.wait(): that would hurry it
-        time.sleep(0.01)
-    assert pauses["a"] == pauses["before"]  # b.pt waited behind a.pt: no pauses
-    assert pauses["b"] > pauses["a"]  # the last one was paced again
-    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], state["w"])
+    writer.wait()
+    assert not (tmp_path / "a.pt").exists()
+    assert torch.equal(torch.load(tmp_path / "b.pt", weights_only=True)["w"], state["w"])

@@ -86,6 +86,7 @@ def test_train_finishes_and_writes_the_run_dir(trained) -> None:
     assert "Final train loss" in res.stdout and "Best val loss" in res.stdout and "Best val acc" in res.stdout
     assert f"workbench resume {run_dir}" in res.stdout
     assert f"tensorboard --logdir {run_dir / 'tb'}" in res.stdout
+    assert f"workbench dashboard --runs {run_dir.parent}" in res.stdout
     # the progress bar went to stderr: step / total and the postfix
     assert "30/30" in res.stderr and "loss=" in res.stderr and "lr=" in res.stderr
 
@@ -151,10 +152,10 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_build_config_merges_dotted_keys_over_the_demo_config(tmp_path: Path) -> None:
-    cfg = cli.build_config(str(ROOT / "configs" / "demo.yaml"), ["model_options.depth=3", "lr=3e-4"],
+    cfg = cli.build_config(str(ROOT / "configs" / "demo.yaml"), ["model_options.depth=2", "lr=1e-3"],
                            run_dir=str(tmp_path / "r"), runs_root=str(tmp_path))
-    assert cfg.model_options == {"depth": 3, "width": 128}
-    assert cfg.lr == 3e-4 and cfg.schedule == "warmup_cosine" and cfg.max_epochs == 15
+    assert cfg.model_options == {"depth": 2, "width": 256}
+    assert cfg.lr == 1e-3 and cfg.schedule == "warmup_cosine" and cfg.max_epochs == 1500
     assert cfg.run_dir == str(tmp_path / "r") and cfg.runs_root == str(tmp_path)
     # order does not matter: the overrides are validated together
     cfg = cli.build_config(None, ["schedule=cosine", "max_epochs=null", "max_steps=10"])
@@ -244,9 +245,10 @@ def test_sigint_to_a_real_process_stops_the_run(tmp_path: Path) -> None:
 def test_scenario_runs_from_the_cli_and_reports_its_alert(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workbench.cli", "train", "--scenario", "lr_too_high", "--no-progress",
                            "--runs", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr   # the run ended diverged: said once, and not a success
     assert "Watch for:" in proc.stderr and "[critical] divergence" in proc.stderr
-    assert "stopping it here" in proc.stderr
+    assert proc.stderr.count("stopping it here") == 1 and proc.stderr.count("[critical] divergence") == 1
+    assert proc.stdout.count("Run diverged at step") == 1
     listing = subprocess.run([sys.executable, "-m", "workbench.cli", "scenarios"], capture_output=True, text=True,
                              timeout=60)
     assert listing.returncode == 0 and "deep_sigmoid" in listing.stdout and "vanishing_gradients" in listing.stdout

@@ -57,7 +57,8 @@ def test_lr_find_suggestion_is_within_3x_of_the_grid_best(runs_root):
     res = tr.lr_find()
     assert isinstance(res, LRFindResult)
     assert all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))   # weights unchanged
-    assert res.method == "valley" and res.suggestion == res.valley
+    bound = res.lrs[int(np.argmin(res.losses))] / 10     # Smith's cap: a tenth of the LR at the minimum
+    assert res.suggestion == min(res.valley, bound) and res.method == ("valley" if res.valley <= bound else "min/10")
     assert len(res.lrs) == len(res.losses) == len(res.raw_losses) >= 50
     assert all(b > a for a, b in zip(res.lrs, res.lrs[1:]))                      # an exponential sweep
     frame = res.to_frame()
@@ -75,7 +76,7 @@ def test_lr_find_suggestion_is_within_3x_of_the_grid_best(runs_root):
     ev = tr.events
     row = ev[ev["kind"] == "lr_find"].iloc[-1]
     assert row["source"] == "api" and row["data"]["suggestion"] == res.suggestion
-    assert row["data"]["method"] == "valley" and row["data"]["num_points"] == len(res.lrs)
+    assert row["data"]["method"] == res.method and row["data"]["num_points"] == len(res.lrs)
 
 
 def test_lr_find_leaves_the_run_bit_identical(runs_root):
@@ -141,7 +142,8 @@ def test_lr_find_rejects_bad_arguments(runs_root):
 
 
 def test_suggestion_rules_on_a_synthetic_curve():
-    """A plateau, a descent from 1e-4 to 1e-2, then divergence: valley halfway, steepest inside the descent."""
+    """A plateau, a descent from 1e-4 to 1e-2, then divergence: valley halfway, steepest inside the descent;
+    the suggestion is the valley unless a tenth of the minimum's LR is lower."""
     lrs = list(np.logspace(-7, 1, 81))
     log = np.log10(lrs)
     rng = np.random.default_rng(0)
@@ -151,7 +153,13 @@ def test_suggestion_rules_on_a_synthetic_curve():
     assert 1e-4 <= lrs[start] <= 2e-4 and 8e-3 <= lrs[end] <= 1.3e-2      # the plateau's noise is cut off
     assert 7e-4 <= lrs[pick] <= 1.5e-3                                      # halfway in log-LR
     assert 1e-4 <= lrs[steepest_index(lrs, loss)] <= 1e-2
-    assert suggest_lr(lrs, loss)[:2] == (lrs[pick], "valley")
+    bound = lrs[int(np.argmin(loss))] / 10
+    assert suggest_lr(lrs, loss)[:2] == ((lrs[pick], "valley") if lrs[pick] <= bound else (bound, "min/10"))
+    # a short, steep valley right under the minimum (1e-2 to 1e-1) is capped at a tenth of the minimum's LR
+    late = list(np.where(log < -2, 2.3, np.where(log < -1, 2.3 - 1.5 * (log + 2), 0.8 + 3 * (log + 1) ** 2))
+                + rng.normal(0, 1e-3, len(lrs)))
+    assert suggest_lr(lrs, late)[1] == "min/10" and suggest_lr(lrs, late)[0] == pytest.approx(
+        lrs[int(np.argmin(late))] / 10)
     # too short for a valley or a derivative: a tenth of the LR at the minimum
     assert suggest_lr([1e-3, 1e-2], [2.0, 1.0]) == (1e-3, "min/10", None, None)
     # a rising curve has no valley: steepest descent, then min/10

@@ -27,15 +27,25 @@ ORDER = ["DEFAULT", "AVX2", "AVX512"]   # as torch.backends.cpu.get_cpu_capabili
 # Tests whose pass/fail depends on where a float trajectory goes (an alert's kind or step, a final loss or
 # accuracy, a finder's suggestion, what the divergence policy and a rollback do). The oldest family, the one
 # furthest from a modern CPU's, reruns them all; AVX2 reruns the teaching scenarios, the longest
-# trajectories. Of the notebooks, those whose asserts read a curve: the lr finder and divergence (02),
-# overfitting and its fixes (03), vanishing gradients (04).
+# trajectories, and the diagnosis's verdicts on runs it was not tuned on (a lr that kills the ReLUs, a memorised
+# training set, a blow-up in the first steps, a token-id model, a cosine schedule run to its end). Of the
+# notebooks, those whose asserts read a curve: the lr finder and divergence (02),
+# overfitting and its fixes (03), vanishing gradients (04), a user's Transformer and classifier learning (08).
 NOTEBOOKS = [f"tests/test_notebooks.py::test_notebook_runs_top_to_bottom[{n}]"
-             for n in ("02_learning_rate", "03_overfitting", "04_vanishing_gradients")]
+             for n in ("02_learning_rate", "03_overfitting", "04_vanishing_gradients", "08_your_own_transformer")]
 TRAJECTORY_TESTS = {
     "default": ["tests/scenarios", "tests/test_diagnosis.py", "tests/test_watch.py", "tests/test_rollback.py",
                 "tests/test_requests.py::test_apply_action_with_controls_and_advice", "tests/test_finders.py",
-                "tests/test_cli.py::test_scenario_runs_from_the_cli_and_reports_its_alert", *NOTEBOOKS],
-    "avx2": ["tests/scenarios"],
+                "tests/test_cli.py::test_scenario_runs_from_the_cli_and_reports_its_alert",
+                "tests/test_own_training.py::test_user_metrics_f1_auc_and_early_stopping_on_one",
+                "tests/test_own_training.py::test_transformer_lm_live_lr_bf16_token_accuracy_and_perplexity",
+                "tests/test_sweep.py::test_a_tpe_sweep_prunes_diverging_trials_and_finds_what_a_grid_search_finds",
+                *NOTEBOOKS],
+    "avx2": ["tests/scenarios", *[f"tests/test_diagnosis.py::{t}" for t in (
+        "test_a_too_high_sgd_lr_that_kills_the_relus_is_lr_too_high",
+        "test_memorising_a_tiny_training_set_is_overfitting_by_the_gap", "test_a_blow_up_within_3_steps_is_divergence",
+        "test_a_healthy_token_id_model_raises_no_data_check_or_gradient_flow_alert",
+        "test_a_cosine_schedule_run_to_its_end_raises_no_lr_too_low")]],
 }
 
 

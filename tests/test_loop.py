@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from workbench import Trainer
+from workbench.cputhreads import cpu_count
 from workbench.sampler import epoch_permutation
 
 from conftest import make_mlp, wait_for
@@ -148,13 +149,13 @@ def test_schedules_run_and_set_lr_rescales_the_shape(schedule, runs_root):
     tr.on("step_end", hook)
     tr.run()
     lr = tr.history.set_index("step")["lr"]
-    factor_before = tr.schedule.factor(19) if schedule != "plateau" else None
+    factor_before = tr.lr_control.builtin.factor(19) if schedule != "plateau" else None
     if schedule == "constant":
         assert lr.loc[21] == pytest.approx(0.02) and lr.loc[20] == pytest.approx(0.01)
     elif schedule != "plateau":
         # the shape continues: lr(step) = base * factor(step - 1)
         assert lr.loc[20] == pytest.approx(0.01 * factor_before)
-        assert lr.loc[21] == pytest.approx(0.02 * tr.schedule.factor(20))
+        assert lr.loc[21] == pytest.approx(0.02 * tr.lr_control.builtin.factor(20))
     assert lr.max() <= 0.02 + 1e-12
 
 
@@ -188,9 +189,10 @@ def test_trainer_thread_count_is_its_own_and_restored(tiny_data, runs_root):
     assert first["intra_op_threads"] == 1 and first["why"].startswith("auto")
     req = tr.set(batch_size=200).wait(10)  # 12,003 x 200 = 2.4e6 multiply-adds: the caller's count
     assert req.status == "applied"
-    if before > 1:
+    large = min(before, max(1, cpu_count() - 1))  # one CPU stays free for the views (workbench.cputhreads)
+    if large > 1:
         wait_for(lambda: len(_thread_events(tr)) == 2)
-        assert _thread_events(tr)[1]["intra_op_threads"] == before
+        assert _thread_events(tr)[1]["intra_op_threads"] == large
     tr.stop().wait(10)
     tr.join(10)
     assert torch.get_num_threads() == before

@@ -1,11 +1,15 @@
-"""The notebook panel driven from Python: widget values and button clicks reach the trainer, the charts
-grow as steps arrive, errors stay inside the panel, and the static fallback renders without widgets."""
+"""The notebook panel driven from Python: widget values and button clicks reach the trainer, every request
+is answered in the panel (pending, then applied at a step or refused and why), the charts grow as steps
+arrive, every message to the browser is valid JSON, the layout (two columns, readable titles, ticks and
+labels, kept zoom) holds, errors stay inside the panel, and the static fallback renders without widgets."""
 from __future__ import annotations
 
 import re
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from workbench import Trainer
@@ -176,7 +180,7 @@ def test_divergence_alert_shows_with_actions_that_apply(runs_root, make_panel):
     slot["actions"][j].click()
     assert p.last_request.wait(10).status == "applied"
     assert tr.controls.lr == pytest.approx(0.3)
-    assert "paused" in p.message.value                       # tells the user to resume
+    assert "paused" in p.request_line.value                  # tells the user to resume
     ev = tr.events
     assert ev.loc[ev["kind"] == "control", "source"].iloc[-1] == "notebook"
     p.refresh()
@@ -318,3 +322,141 @@ def test_refresh_bench_runs_in_quick_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert lines[-1].startswith("ratio") and "max points/trace" in proc.stdout
+
+
+def test_every_request_line_resolves_without_a_refresh_call(runs_root, make_panel):
+    """lr, pause, step and stop each show as pending, then as applied at their step; a request the run can
+    no longer take shows as refused with the reason. Only the panel's own poller updates it here."""
+    tr = small(runs_root, max_steps=100_000)
+    p = make_panel(tr, poll="thread", interval=0.05)
+    p.lr_slider.value = 3e-3                                 # the run has not started: the request waits
+    assert "lr = 0.003: pending" in p.request_line.value
+    p.pause_button.click()
+    p.start_button.click()
+    wait_for(lambda: "pause: applied at step" in p.request_line.value, timeout=10)
+    assert "lr = 0.003: applied at step 1" in p.request_line.value and tr.status == "paused"
+    p.step_n.value = 5
+    p.step_button.click()
+    wait_for(lambda: "step 5: applied at step" in p.request_line.value, timeout=10)
+    p.stop_button.click()
+    wait_for(lambda: "stop: applied at step" in p.request_line.value, timeout=10)
+    assert tr.join(30) == "stopped"
+    p.resume_button.click()                                  # the run ended: refused at once, with the reason
+    wait_for(lambda: "resume: refused" in p.request_line.value, timeout=10)
+    assert p.last_error.startswith("resume: refused") and "stop: applied" in p.request_line.value
+
+
+def _json_problems(fig_or_widget, messages) -> list[str]:
+    """What of a widget's state and of the messages it sent would not be valid JSON (NaN, inf), after the
+    binary buffers are taken out as ipywidgets does before sending."""
+    import json
+
+    from ipywidgets.widgets.widget import _remove_buffers
+    from plotly.serializers import _py_to_js
+
+    def bad(obj) -> bool:
+        try:
+            json.dumps(_remove_buffers({"v": _py_to_js(obj, None)})[0], allow_nan=False)
+            return False
+        except ValueError:
+            return True
+
+    out = [k for k, v in fig_or_widget.get_state().items() if bad(v)]
+    return out + [name for name, msg in messages if bad(msg)]
+
+
+def test_no_message_to_the_browser_holds_nan(runs_root, make_panel):
+    """jupyter_client warns ("Out of range float values are not JSON compliant") for every message holding
+    NaN: a diverging run (NaN losses and gradients) with a dead layer must not produce one."""
+    import ipywidgets as widgets
+
+    tr = Trainer(scenario_config("lr_too_high", runs_root=str(runs_root), tensorboard=False, on_divergence="ignore",
+                                 lr=1e4, max_steps=60, layer_every=5))
+    p = make_panel(tr)
+    sent: list[tuple[str, object]] = []
+    for fig in p.figures.values():
+        fig.observe(lambda ch: sent.append((ch["name"], ch["new"])) if ch["new"] is not None else None,
+                    names=["_py2js_update", "_py2js_restyle", "_py2js_relayout", "_py2js_addTraces"])
+    tr.run()
+    p.refresh()
+    assert not np.isfinite(tr.history["train_loss"]).all() and len(sent) >= 5
+    assert any(np.isnan(np.asarray(t.y, dtype=float)).any() for t in p.figures["loss"].data[:1])
+    for w in [p, *p.figures.values(), *(c for c in p.children if isinstance(c, widgets.Widget))]:
+        assert _json_problems(w, sent if w in p.figures.values() else []) == [], type(w).__name__
+
+
+def test_two_column_layout_readable_titles_ticks_and_labels(runs_root, make_panel):
+    """Two charts a row; the title on its own line above the legend, the modebar upright on the right edge;
+    log axes with written-out ticks (no "2 5" digits, no SI prefixes); loss on a log axis as in the
+    dashboard; accuracy on a fixed 0-1 axis with a note until the first evaluation; alert labels written
+    towards the chart's middle and never clipped; the user's zoom kept (uirevision)."""
+    from workbench.notebook.charts import CHART_WIDTH
+
+    tr = small(runs_root, max_steps=60, eval_every=30)
+    p = make_panel(tr)
+    assert p.children[-3].layout.grid_template_columns == f"repeat(2, {CHART_WIDTH}px)"
+    for name, fig in p.figures.items():
+        lay = fig.layout
+        assert lay.width == CHART_WIDTH and lay.uirevision == "run", name
+        assert lay.title.yanchor == "top" and lay.legend.yanchor == "bottom" and lay.legend.y >= 1, name
+        assert lay.margin.t >= 60 and lay.modebar.orientation == "v", name
+    assert p.figures["loss"].layout.yaxis.type == "log" and p.log_y.value
+    assert p.figures["loss"].layout.yaxis.tickformat == "~g" and p.figures["lr"].layout.yaxis.tickformat == ".0e"
+    acc = p.figures["val_acc"].layout
+    assert list(acc.yaxis.range) == [0, 1.02] and "first evaluation" in acc.annotations[0].text
+    tr.start(paused=True)
+    tr.step(30).wait(30)
+    wait_for(lambda: tr.last_eval.get("step") == 30)
+    p.refresh()
+    assert len(p.figures["val_acc"].layout.annotations) == 0 and len(p.figures["val_acc"].data[0].y) == 1
+    tr.stop()
+    tr.join(30)
+    from workbench.chartdata import ChartData
+    from workbench.notebook.charts import empty_data
+    late = [{"step": 55, "kind": "alert", "label": "warning: overfitting"},
+            {"step": 2, "kind": "alert", "label": "critical: divergence"}]
+    p.charts.update(ChartData(series={"train_loss": (np.arange(1.0, 61.0), np.ones(60))},
+                              layers=empty_data().layers, markers=late))
+    pts = next(t for t in p.figures["loss"].data if t.name == "alerts (events)")
+    assert list(pts.text) == ["overfitting", "divergence"] and pts.cliponaxis is False
+    assert list(pts.textposition) == ["bottom left", "bottom right"]
+    p.figures["loss"].layout.xaxis.update(range=[5, 10], autorange=False)   # what a zoom in the browser sets
+    p.charts.reset(["net.0.weight"])                                         # another run (a fork): unzoomed
+    assert p.figures["loss"].layout.xaxis.autorange is True
+    assert list(p.figures["val_acc"].layout.yaxis.range) == [0, 1.02]
+
+
+def test_evals_time_is_a_timestamp(runs_root):
+    from workbench.runview import RunView
+
+    tr = small(runs_root, max_steps=40)
+    tr.run()
+    for evals in (tr.evals, RunView(tr.run_dir).evals):
+        assert isinstance(evals["time"].dtype, pd.DatetimeTZDtype) and len(evals) == 2
+        assert abs(evals["time"].iloc[-1] - pd.Timestamp.now(tz="UTC")) < pd.Timedelta(minutes=5)
+
+
+def test_watch_waits_on_the_event_loop_and_lets_the_poller_draw(runs_root, make_panel):
+    """``await watch(tr)``: the loop stays free while the run trains (an asyncio poller draws meanwhile),
+    ``until`` stops at a condition, a timeout raises, and it returns the run's status."""
+    import asyncio
+
+    from workbench.notebook import watch
+
+    tr = small(runs_root, max_steps=100_000)
+
+    async def lesson():
+        p = make_panel(tr, poll="asyncio", interval=0.05, chart_interval=0.1)
+        tr.start()
+        t0 = time.monotonic()
+        at = await watch(tr, until=lambda: time.monotonic() - t0 > 1.0)
+        drawn_while_waiting = p.chart_redraws
+        with pytest.raises(TimeoutError, match="not done after"):
+            await watch(tr, until=lambda: False, timeout=0.01)
+        tr.stop()
+        end = await watch(tr)
+        p.poller.stop()
+        return at, drawn_while_waiting, end
+
+    at, drawn, end = asyncio.run(lesson())
+    assert at == "running" and end == "stopped" and drawn >= 3

@@ -44,7 +44,9 @@ CASES = {
     "bf16_on_cpu": dict(stops=[60], live={}, kw={"precision": "bf16"}),
     "resumed_twice": dict(stops=[40, 80], live={30: {"lr": 2e-3}, 70: {"batch_size": 40}}, kw={}),
     # every save lands on a diagnosis tick, which is then put off one step; stop right there
-    "saves_on_ticks_high_lr": dict(stops=[60], live={}, kw={"checkpoint_every": 10, "lr": 1.0}),  # alerts at 21, 50, 61
+    # (lr 1.0 blows the loss up at step 2: on_divergence=ignore lets it train on; alerts at 3, 21, 61)
+    "saves_on_ticks_high_lr": dict(stops=[60], live={},
+                                   kw={"checkpoint_every": 10, "lr": 1.0, "on_divergence": "ignore"}),
 }
 
 

@@ -14,13 +14,20 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from .batches import find_target
 
 from .config import TrainConfig
 from .controls import precision_problem, resolve_precision
 from .data import load_dataset
+from .loaders import data_size, kind_of
 from .models import build_model
+from .optim import CUSTOM
 from .rundir import new_run_dir
+
+
+TASKS = ("classification", "regression", "other")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,8 +77,8 @@ class Parts:
     device: torch.device
     precision: str
     task: str
-    train_data: Dataset
-    val_data: Dataset | None
+    train_data: Any
+    val_data: Any
     model: torch.nn.Module
     loss_fn: Callable
     own_model: bool                       # the user passed the model (a fork then needs a copy of it)
@@ -79,10 +86,55 @@ class Parts:
     run_dir: Path = Path(".")
 
 
-def build_parts(cfg: TrainConfig, *, model: torch.nn.Module | None, train_data: Dataset | None,
-                val_data: Dataset | None, loss_fn: Callable | None, task: str | None) -> Parts:
+@dataclass
+class Own:
+    """What a user may bring beside a config (every field optional; see ``Trainer``)."""
+
+    model: torch.nn.Module | None = None
+    train_data: Any = None
+    val_data: Any = None
+    loss_fn: Callable | None = None
+    task: str | None = None
+    optimizer: Any = None
+    schedule: Any = None
+    step_fn: Callable | None = None
+    collate_fn: Callable | None = None
+    metrics: Mapping[str, Any] | None = None
+    output_key: str | None = None
+    target_key: str | None = None
+
+    def __post_init__(self) -> None:
+        # Trainer(model="mlp", optimizer="sgd") names built-ins, like the config fields of those names
+        self.names = {n: getattr(self, n) for n in ("model", "optimizer", "schedule") if isinstance(getattr(self, n), str)}
+        for name in self.names:
+            setattr(self, name, None)
+
+    def named_builtins(self) -> dict[str, Any]:
+        """Config overrides: the built-ins named here, and ``custom`` for an optimizer or schedule object."""
+        custom = {n: CUSTOM for n in ("optimizer", "schedule") if getattr(self, n) is not None}
+        return {**self.names, **custom}
+
+    def given(self) -> dict[str, Any]:
+        """The objects the user passed, by name."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if getattr(self, f) is not None}
+
+    def check(self) -> None:
+        for name in ("loss_fn", "step_fn", "collate_fn"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"{name}: got {type(value).__name__}; allowed: a callable")
+        for name in ("output_key", "target_key"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name}: got {value!r}; allowed: a key name (a string)")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task: got {self.task!r}; allowed: {', '.join(TASKS)}")
+
+
+def build_parts(cfg: TrainConfig, own: Own) -> Parts:
     """Resolve the device and precision, load or check the data, build or place the model and the loss, and
     make the run directory. Seeds every generator first, so a built-in model starts from the seed."""
+    own.check()
     if cfg.seed is None:
         cfg = cfg.replace(seed=random.SystemRandom().randrange(2**31))
     device = resolve_device(cfg.device)
@@ -94,6 +146,7 @@ def build_parts(cfg: TrainConfig, *, model: torch.nn.Module | None, train_data: 
 
     data_info: dict[str, Any] = {}
     out_features = None
+    train_data, val_data, task, loss_fn = own.train_data, own.val_data, own.task, own.loss_fn
     if train_data is None:
         if cfg.dataset is None:
             raise ValueError("dataset: none given and no train_data passed; name a built-in data set "
@@ -105,13 +158,15 @@ def build_parts(cfg: TrainConfig, *, model: torch.nn.Module | None, train_data: 
                      "class_names": bundle.class_names}
         out_features = bundle.n_classes if bundle.task == "classification" else 1
     else:
-        task = task or infer_task(loss_fn, train_data, cfg.loss)
-    if task not in ("classification", "regression"):
-        raise ValueError(f"task: got {task!r}; allowed: classification, regression")
-    if cfg.batch_size > len(train_data):
-        raise ValueError(f"batch_size: got {cfg.batch_size}; allowed: 1 to {len(train_data)} (the training "
-                         f"set's size)")
+        kind_of(train_data)
+        if val_data is not None:
+            kind_of(val_data)
+        task = task or infer_task(loss_fn, train_data, cfg.loss, own)
+    n = data_size(train_data)
+    if kind_of(train_data) == "map" and n is not None and cfg.batch_size > n:
+        raise ValueError(f"batch_size: got {cfg.batch_size}; allowed: 1 to {n} (the training set's size)")
 
+    model = own.model
     own_model = model is not None
     if model is None:
         if cfg.model is None:
@@ -120,9 +175,9 @@ def build_parts(cfg: TrainConfig, *, model: torch.nn.Module | None, train_data: 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, in_features=data_info["n_features"], out_features=out_features,
                             **cfg.model_options)
-    if loss_fn is None:
+    if loss_fn is None and task != "other":
         name = cfg.loss if cfg.loss != "auto" else ("cross_entropy" if task == "classification" else "mse")
-        loss_fn = torch.nn.CrossEntropyLoss() if name == "cross_entropy" else torch.nn.MSELoss()
+        loss_fn = SequenceCrossEntropy() if name == "cross_entropy" else torch.nn.MSELoss()
 
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
@@ -135,23 +190,29 @@ def build_parts(cfg: TrainConfig, *, model: torch.nn.Module | None, train_data: 
                  model=model.to(device), loss_fn=loss_fn, own_model=own_model, data_info=data_info, run_dir=run_dir)
 
 
-def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+class SequenceCrossEntropy(torch.nn.CrossEntropyLoss):
+    """Cross-entropy that also takes a sequence model's ``[B, T, C]`` logits against ``[B, T]`` targets (the
+    class dimension last, as language models give it), as well as torch's ``[B, C]`` / ``[B, C, ...]``."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if input.dim() > 2 and input.shape[:-1] == target.shape:
+            return super().forward(input.reshape(-1, input.shape[-1]), target.reshape(-1))
+        return super().forward(input, target)
 
 
-def planned_steps(cfg: TrainConfig, n_train: int) -> int | None:
-    """Optimizer steps the run will take: ``max_steps``, else epochs x steps per epoch, else None (no end)."""
+def planned_steps(cfg: TrainConfig, n_train: int | None, batches_per_epoch: int | None = None) -> int | None:
+    """Optimizer steps the run will take: ``max_steps``, else epochs x steps per epoch, else None (no end, or
+    a stream whose length is unknown)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    per_epoch = math.ceil(n_train / cfg.batch_size / cfg.accumulate)
-    return per_epoch * cfg.max_epochs if cfg.max_epochs else None
+    if batches_per_epoch is None and n_train is not None:
+        batches_per_epoch = math.ceil(n_train / cfg.batch_size)
+    if batches_per_epoch is None or not cfg.max_epochs:
+        return None
+    return math.ceil(batches_per_epoch / cfg.accumulate) * cfg.max_epochs
 
 
-def n_classes(data: Dataset, task: str) -> int | None:
+def n_classes(data: Any, task: str) -> int | None:
     if task != "classification":
         return None
     if isinstance(data, TensorDataset):
@@ -159,14 +220,37 @@ def n_classes(data: Dataset, task: str) -> int | None:
     return None
 
 
-def infer_task(loss_fn: Callable | None, data: Dataset, loss: str) -> str:
-    if loss == "cross_entropy" or isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
+def infer_task(loss_fn: Callable | None, data: Any, loss: str, own: Own) -> str:
+    """classification, regression, or other (no target to judge: a model or step_fn that makes its own loss)."""
+    if loss == "cross_entropy" or isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss,
+                                                       torch.nn.BCEWithLogitsLoss, torch.nn.BCELoss)):
         return "classification"
     if loss == "mse" or isinstance(loss_fn, (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss,
-                                             torch.nn.HuberLoss, torch.nn.BCEWithLogitsLoss)):
+                                             torch.nn.HuberLoss)):
         return "regression"
-    y = data.tensors[1] if isinstance(data, TensorDataset) else torch.as_tensor(data[0][1])
-    return "classification" if not torch.is_floating_point(y) else "regression"
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        y = data.tensors[1]
+    else:
+        y = find_target(first_item(data), own.target_key)
+        if y is None:
+            return "other"
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            return "other"
+    return "classification" if not (torch.is_floating_point(y) or torch.is_complex(y)) else "regression"
+
+
+def first_item(data: Any) -> Any:
+    """The first item (or batch) of the data, read to infer the task (a stream is opened once more for it)."""
+    source = data.dataset if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) else data
+    try:
+        if isinstance(source, (IterableDataset, DataLoader)):
+            return next(iter(source))
+        return source[0]
+    except Exception as e:  # noqa: BLE001 - the user's data raised: say where, and how to avoid the read
+        raise ValueError(f"train_data: reading its first item to infer the task failed ({type(e).__name__}: {e}); "
+                         f"allowed: data whose first item can be read, or pass task= and loss_fn=") from e
 
 
 class EarlyStopping:

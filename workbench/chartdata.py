@@ -16,9 +16,12 @@ import numpy as np
 import pandas as pd
 
 SERIES = ("train_loss", "lr", "grad_norm", "val_loss", "val_acc")
-MARKER_KINDS = ("control", "checkpoint", "alert", "rollback", "policy", "fork", "resume")
+MARKER_KINDS = ("control", "checkpoint", "alert", "rollback", "policy", "fork", "resume", "status", "command")
 MAX_CHANGE_MARKERS = 40       # newest control changes, alerts, rollbacks, ... drawn on the charts
 MAX_CHECKPOINT_MARKERS = 12   # newest checkpoints (periodic ones would crowd a long run's charts)
+RATE_WINDOW_S = 2.0           # samples/s is the average over the newest steps of about this much wall time
+RATE_TAIL = 1024              # at most this many step rows are read for it
+RATE_COLUMNS = ("batch_size", "samples_per_s")
 
 
 @dataclass
@@ -34,7 +37,8 @@ class ChartData:
 def chart_data(run: Any, n_out: int = 2000, max_cols: int = 200) -> ChartData:
     """Downsampled series of a run (anything with ``series``, ``layer_history`` and ``events``), plus its
     per-layer statistics at <= ``max_cols`` logged steps and its newest change/checkpoint/alert markers."""
-    series = {name: run.series(name, n_out) for name in SERIES}
+    names = [*SERIES, *(n for n in getattr(run, "eval_names", ()) if n not in SERIES)]   # and the other metrics
+    series = {name: run.series(name, n_out) for name in names}
     layers = run.layer_history
     if not layers.empty:
         layers = layers[thin_steps(layers["step"].to_numpy(), max_cols)]
@@ -61,11 +65,24 @@ def markers_of(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The events worth a marker, as (step, kind, label): the newest checkpoints and the newest other changes,
     in log order. Every marker is drawn on every chart (a plotly shape costs about 0.1 ms to build): a long
     run that saves every few thousand steps would otherwise spend more time on markers than on curves."""
-    ev = [e for e in events if e["kind"] in MARKER_KINDS]
-    saves = [i for i, e in enumerate(ev) if e["kind"] == "checkpoint"][-MAX_CHECKPOINT_MARKERS:]
+    ev = [e for e in events if e["kind"] in MARKER_KINDS and _worth_a_marker(e)]
+    best = [i for i, e in enumerate(ev) if e["kind"] == "checkpoint" and (e["data"] or {}).get("reason") == "best"]
+    saves = [i for i, e in enumerate(ev) if e["kind"] == "checkpoint" and i not in best[:-1]]
+    saves = saves[-MAX_CHECKPOINT_MARKERS:]   # of the "best" saves only the newest: the others are superseded
     others = [i for i, e in enumerate(ev) if e["kind"] != "checkpoint"][-MAX_CHANGE_MARKERS:]
-    return [{"step": int(ev[i]["step"]), "kind": ev[i]["kind"], "label": marker_label(ev[i]["kind"], ev[i]["data"])}
-            for i in sorted(saves + others)]
+    return [{"step": int(ev[i]["step"]), "kind": ev[i]["kind"],
+             "label": marker_label(ev[i]["kind"], ev[i]["data"], ev[i].get("source"))} for i in sorted(saves + others)]
+
+
+def _worth_a_marker(e: Mapping[str, Any]) -> bool:
+    """Pause and resume (a status event between paused and running after the start) and the step and stop
+    commands mark the charts; the run's own start and end do not."""
+    d = e.get("data") or {}
+    if e["kind"] == "status":
+        return d.get("status") in ("paused", "running") and int(e["step"]) > 0
+    if e["kind"] == "command":
+        return d.get("action") in ("step", "stop")
+    return True
 
 
 def layer_matrix(layers: pd.DataFrame, value: str = "grad_norm") -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -79,13 +96,18 @@ def layer_matrix(layers: pd.DataFrame, value: str = "grad_norm") -> tuple[np.nda
     return steps.astype(float), [str(n) for n in names], z
 
 
-def marker_label(kind: str, data: Mapping[str, Any] | None) -> str:
+def marker_label(kind: str, data: Mapping[str, Any] | None, source: str | None = None) -> str:
     """A short text for a chart marker."""
     d = dict(data or {})
     if kind == "control":
         return f"{d.get('field')}: {_short(d.get('old'))} -> {_short(d.get('new'))}"
     if kind == "checkpoint":
-        return f"checkpoint ({d.get('reason', '')})"
+        return f"saved ({d.get('reason', '')})"
+    if kind == "status":
+        what = "paused" if d.get("status") == "paused" else "resumed"
+        return f"{what} ({source})" if source else what
+    if kind == "command":
+        return f"step {d.get('n')}" if d.get("action") == "step" else "stop requested"
     if kind == "alert":
         return f"{d.get('severity', '')}: {d.get('kind', '')}"
     if kind == "rollback":
@@ -103,3 +125,26 @@ def time_since(t: float | None) -> str:
         return "-"
     d = max(0.0, time.time() - t)
     return f"{d:.0f} s ago" if d < 120 else f"{d / 60:.0f} min ago" if d < 7200 else f"{d / 3600:.0f} h ago"
+
+
+def samples_per_s(tail: Mapping[str, np.ndarray], status: str) -> float | None:
+    """Training throughput for a status line: the samples of the newest steps over their wall time (about
+    RATE_WINDOW_S of it), from ``tail`` (the last step rows' RATE_COLUMNS); None unless the run is running.
+
+    Each step row holds its own rate (its samples over the time since the previous step). The mean of such
+    rates overstates throughput (a fast step counts as much as a slow one) and one step's rate swings with
+    every eval and checkpoint, so the window's samples are summed and divided by the sum of its step times.
+    A paused, stopped or finished run has no throughput: its last rate is not shown as if it still held.
+    """
+    if status != "running":
+        return None
+    b = np.asarray(tail.get("batch_size", ()), dtype=float)
+    r = np.asarray(tail.get("samples_per_s", ()), dtype=float)
+    ok = np.isfinite(b) & np.isfinite(r) & (r > 0) & (b > 0)
+    b, r = b[ok], r[ok]
+    if not len(b):
+        return None
+    dt = b / r                                  # each step's time (over its micro-batches; the ratio is the same)
+    back = np.cumsum(dt[::-1])
+    n = max(1, int(np.searchsorted(back, RATE_WINDOW_S, side="right")))
+    return float(b[-n:].sum() / dt[-n:].sum())

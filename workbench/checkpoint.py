@@ -16,7 +16,6 @@ import ctypes
 import functools
 import os
 import pickle
-import queue
 import random
 import re
 import sys
@@ -24,7 +23,7 @@ import tempfile
 import threading
 import types
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -219,12 +218,17 @@ def atomic_save(obj: Any, path: str | os.PathLike, pacer: "Pacer | None" = None)
             if pacer is not None:
                 pacer.pause()
             out = _PiecewiseFile(raw, pacer)
-            if pacer is None:
-                torch.save(obj, out)
-            else:
-                torch.save(obj, out, pickle_module=_paced_pickle(pacer))
-            out.flush()
-            os.fsync(raw.fileno())
+            try:
+                if pacer is None:
+                    torch.save(obj, out)
+                else:
+                    torch.save(obj, out, pickle_module=_paced_pickle(pacer))
+                out.flush()
+                os.fsync(raw.fileno())
+            except (RuntimeError, OSError) as e:
+                if out.error is not None:  # torch.save wraps the write's OSError (ENOSPC...) in a RuntimeError
+                    raise OSError(out.error.errno, out.error.strerror, tmp) from e
+                raise
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -259,6 +263,7 @@ class _PiecewiseFile:
     def __init__(self, raw: Any, pacer: Pacer | None) -> None:
         self._raw, self._pacer = raw, pacer
         self._buf = bytearray()
+        self.error: OSError | None = None  # the first failed write (the cause a caller should see)
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -279,8 +284,12 @@ class _PiecewiseFile:
             self._buf = bytearray()
 
     def _write_all(self, view: memoryview) -> None:
-        while len(view):
-            view = view[self._raw.write(view):]
+        try:
+            while len(view):
+                view = view[self._raw.write(view):]
+        except OSError as e:
+            self.error = self.error or e
+            raise
         if self._pacer is not None:
             self._pacer.pause()
 
@@ -376,77 +385,162 @@ def checkpoint_name(step: int, tag: str | None = None) -> str:
     return f"step-{step:08d}-{tag}.pt"
 
 
+class SaveJob(NamedTuple):
+    """One save handed to a writer: the host copy, where it goes, what runs once it is on disk."""
+    state: Any
+    path: Path
+    on_done: Callable[[Path], None]
+    buffers: Any
+    extra: Any = None
+    replaceable: bool = False   # a newer save may take its place while it waits (periodic saves)
+    before: Callable[[], None] | None = None   # runs on the writer's thread just before the file is written
+    kind: str | None = None     # a newer save of the same kind takes its place while it waits (a newer best)
+
+
 class AsyncWriter:
-    """Writes checkpoints on a background thread, one at a time, in order.
+    """Writes checkpoints on a background thread, one at a time, in order, with bounded memory.
 
     The trainer thread copies the state to host memory and hands it over; disk latency never stalls
-    a step. ``wait()`` blocks until every submitted write is on disk (and lifts the pacer's pauses
-    while it waits); errors are reported to ``on_error``.
+    a step. At most one save is being written and one waits: a newer save takes the place of a waiting
+    *replaceable* one, or of a waiting one of its own kind (a newer best; ``on_replaced(path)`` says which;
+    its host copy is reused). Behind any other waiting save (a save someone asked for, the last) a
+    replaceable save is skipped (:meth:`take_buffers` gives None), so that training goes on however long the
+    writer is stalled, and any other save waits for the slot. A writer that falls behind
+    holds at most two copies of the state, never a queue of them (torch.distributed.checkpoint's async
+    recipe keeps one save in flight for the same reason). ``wait()`` blocks until every save is on disk
+    (and lifts the pacer's pauses while it waits); errors are reported to ``on_error``. The thread ends
+    when it has nothing to write for a while, or at :meth:`close`, so an ended run's writer holds nothing.
     """
 
-    def __init__(self, on_error: Callable[[Path, BaseException], None], pacer: Pacer | None = None) -> None:
-        self._queue: queue.Queue = queue.Queue()
+    LINGER_S = 1.0  # an idle thread waits this long for the next save before it ends
+
+    def __init__(self, on_error: Callable[[Path, BaseException], None], pacer: Pacer | None = None,
+                 on_replaced: Callable[[Path], None] | None = None) -> None:
+        self._cond = threading.Condition()
+        self._pending: SaveJob | None = None
+        self._busy = False
+        self._closing = False
         self._on_error = on_error
+        self._on_replaced = on_replaced
         self._pacer = pacer
         if pacer is not None and pacer.behind is None:
-            pacer.behind = lambda: self._queue.qsize() > 0  # a newer save waits behind this one
+            pacer.behind = self.behind  # a newer save waits behind this one
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._pool: list[dict] = []  # host buffers of a written save, for the next one
+        self._pool: list[Any] = []  # host buffers of a written save, for the next one
 
     mode = "thread"
+
+    def behind(self) -> bool:
+        """A save waits behind the one being written."""
+        return self._pending is not None
 
     def start(self) -> None:
         """Nothing to start ahead: the thread starts with the first save."""
 
-    def take_buffers(self) -> dict:
-        """Host buffers for the next save (``workbench.checkpointing.host_copy``): those of an earlier save once
-        it is on disk (copying into memory that is mapped already is ~10x faster than fresh
-        allocations), else an empty set."""
-        return self._pool.pop() if self._pool else {}
+    def take_buffers(self, replaceable: bool = False, kind: str | None = None) -> Any:
+        """Host buffers for the next save (``workbench.checkpointing.host_copy``): those of a waiting save
+        this one replaces, else those of an earlier save once it is on disk (copying into memory that is
+        mapped already is ~10x faster than fresh allocations), else new ones. While a save this one may
+        not replace holds the waiting slot: None at once for a ``replaceable`` save (skip it), else wait."""
+        with self._cond:
+            if replaceable and not self._may_replace(kind):
+                return None
+            replaced = self._claim_slot(kind)
+            buffers = replaced.buffers if replaced is not None and replaced.buffers is not None else \
+                (self._pool.pop() if self._pool else None)
+        if replaced is not None and self._on_replaced is not None:
+            self._on_replaced(replaced.path)
+        return self._fresh_buffers() if buffers is None else self._prepare(buffers)
 
-    def recycle(self, buffers: dict) -> None:
+    def _fresh_buffers(self) -> Any:
+        return {}
+
+    def _prepare(self, buffers: Any) -> Any:
+        return buffers
+
+    def _may_replace(self, kind: str | None) -> bool:
+        """(Lock held.) The waiting slot is free, or holds a save a newer one of ``kind`` may replace."""
+        p = self._pending
+        return p is None or p.replaceable or (kind is not None and p.kind == kind)
+
+    def _claim_slot(self, kind: str | None = None) -> SaveJob | None:
+        """(Lock held.) Wait until a save of ``kind`` may take the waiting slot; take out the save it replaces."""
+        while not self._may_replace(kind):
+            self._cond.wait()
+        replaced, self._pending = self._pending, None
+        return replaced
+
+    def recycle(self, buffers: Any) -> None:
         """A save is on disk: keep its buffers for the next one (one set)."""
-        if not self._pool:
-            self._pool.append(buffers)
+        with self._cond:
+            if not self._pool:
+                self._pool.append(buffers)
 
     def close(self) -> None:
-        """Free the kept buffers (the run has ended)."""
-        self._pool.clear()
+        """Free the kept buffers (the run has ended); the thread ends once it has written what it has."""
+        with self._cond:
+            self._pool.clear()
+            self._closing = True
+            self._cond.notify_all()
 
-    def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: dict | None = None) -> None:
-        """Queue one save: ``state`` is the host copy (in ``buffers``, from :meth:`take_buffers`); ``on_done``
-        runs on the writer's thread once the file is on disk. Called on the trainer thread."""
-        self._enqueue((state, path, on_done, buffers, None))
+    def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: Any = None, *,
+               replaceable: bool = False, before: Callable[[], None] | None = None, kind: str | None = None) -> None:
+        """Hand one save over: ``state`` is the host copy (in ``buffers``, from :meth:`take_buffers`);
+        ``on_done`` runs on the writer's thread once the file is on disk. Called on the trainer thread."""
+        self._enqueue(SaveJob(state, Path(path), on_done, buffers, None, replaceable, before, kind))
 
-    def _enqueue(self, item: tuple) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
+    def _enqueue(self, item: SaveJob) -> None:
+        with self._cond:
+            replaced = self._claim_slot(item.kind)
+            self._pending = item
+            self._closing = False
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="workbench-ckpt-writer", daemon=True)
                 self._thread.start()
-        self._queue.put(item)
+            self._cond.notify_all()
+        if replaced is not None:
+            if self._on_replaced is not None:
+                self._on_replaced(replaced.path)
+            if replaced.buffers is not None:
+                self.recycle(replaced.buffers)
 
     def _write(self, state: dict, path: Path, buffers: Any, extra: Any) -> None:
-        """Write one queued save (``extra``: what a subclass queued with it)."""
+        """Write one save (``extra``: what a subclass handed over with it)."""
         atomic_save(state, path, self._pacer)
 
     def _loop(self) -> None:
         while True:
-            state, path, on_done, buffers, extra = self._queue.get()
+            with self._cond:
+                if self._pending is None and not self._closing:
+                    self._cond.wait(self.LINGER_S)
+                item = self._pending
+                if item is None:  # idle (or closed): end; the next save starts a thread again
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                self._pending, self._busy = None, True
+                self._cond.notify_all()
             try:
-                self._write(state, path, buffers, extra)
-                on_done(path)
-            except BaseException as e:  # noqa: BLE001 - reported, the run goes on
-                self._on_error(path, e)
+                if item.before is not None:
+                    item.before()
+                self._write(item.state, item.path, item.buffers, item.extra)
+                item.on_done(item.path)
+            except BaseException as e:  # noqa: BLE001 - reported; the checkpointer decides what it means
+                self._on_error(item.path, e)
             finally:
-                self._queue.task_done()
+                item = None
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
     def wait(self) -> None:
         """Block until all submitted checkpoints are written (at full speed: someone is waiting)."""
         if self._pacer is not None:
             self._pacer.hurry(True)
         try:
-            self._queue.join()
+            with self._cond:
+                while self._pending is not None or self._busy:
+                    self._cond.wait()
         finally:
             if self._pacer is not None:
                 self._pacer.hurry(False)

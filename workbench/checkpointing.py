@@ -34,17 +34,38 @@ class Checkpointer:
     def __init__(self, cfg: TrainConfig, parts: Mapping[str, Any], db: RunDB, folder: Path, *,
                  position: Callable[[], tuple[int, int]], last_eval: Callable[[], Mapping[str, float]],
                  flush: Callable[[], None], event: Callable[..., None],
-                 on_save: Callable[[Path, str, float | None], None]) -> None:
+                 on_save: Callable[[Path, str, float | None], None],
+                 persist: Callable[[], None] | None = None) -> None:
         assert tuple(parts) == ck.STATE_KEYS
         self.cfg, self.parts, self.db, self.folder = cfg, dict(parts), db, folder
         self._position, self._last_eval, self._flush = position, last_eval, flush
-        self._event, self._on_save = event, on_save
+        self._event, self._on_save, self._persist = event, on_save, persist
+        self.failure: BaseException | None = None  # a save that could not be written: the run must end
         # The config and the library versions are fixed for the run: built once, shared by every save
         # (never changed), so a save walks and copies only the components' states.
         self._config = cfg.to_dict()
         self._versions = ck.library_versions()
         ck.remove_stale_temps(folder)
+        self.reconcile()
         self.writer = self._make_writer(cfg.checkpoint_writer)
+
+    def reconcile(self) -> None:
+        """Make the checkpoint table and the folder agree (after a crash between a file's rename and its
+        record, or between retention's delete and its record): a row whose file is gone is dropped, a
+        complete file with no row is recorded (tag from its name), so retention sees every file."""
+        rows = self.db.checkpoint_rows()
+        on_disk = {p.name: (step, p) for step, p in ck.checkpoint_files(self.folder)}
+        known = set()
+        for _, path, *_rest in rows:
+            name = Path(path).name
+            if name in on_disk and Path(path).resolve().parent == self.folder.resolve():
+                known.add(name)
+            else:
+                self.db.remove_checkpoint(path)
+        for name, (step, p) in on_disk.items():
+            if name not in known:
+                tag = ck.CKPT_RE.match(name).group(2) or "periodic"
+                self.db.add_checkpoint(step=step, path=str(p), metric=None, tag=tag, time=p.stat().st_mtime)
 
     # ------------------------------------------------------------------ layout
     def layout(self, states: dict[str, Any], config: dict[str, Any] | None = None,
@@ -86,7 +107,14 @@ class Checkpointer:
             self._event("checkpoint_skipped", source, {"reason": "the weights hold NaN/inf; a good checkpoint "
                                                                  "is never overwritten by them"}, None)
             return None
-        buffers = self.writer.take_buffers()
+        replaceable, kind = reason == "periodic", ("best" if reason == "best" else None)
+        buffers = self.writer.take_buffers(replaceable, kind)
+        if buffers is None:  # the writer is stalled behind a save that may not give way: training goes on
+            step = self._position()[0]
+            self._event("checkpoint_skipped", source, {"path": str(self.folder / ck.checkpoint_name(step, tag)),
+                                                       "reason": "the writer is still busy with two earlier saves"},
+                        step)
+            return None
         state = self.layout(host_copy(components, buffers), self._config, self._versions)
         step = state["step"]
         path = self.folder / ck.checkpoint_name(step, tag)
@@ -99,9 +127,12 @@ class Checkpointer:
             self.db.add_checkpoint(step=step, path=str(p), metric=metric, tag=tag or reason, time=when)
             self._apply_retention()
 
-        self.writer.submit(state, path, done, buffers)
-        self._event("checkpoint", source, {"path": str(path), "reason": reason, "tag": tag, "metric": metric},
-                    step)
+        # Periodic saves may give way to a newer one while the writer is behind (memory stays at two copies);
+        # ``persist`` first puts the rows up to this step in run.db, so that no resume finds a hole before it.
+        self.writer.submit(state, path, done, buffers, replaceable=replaceable, before=self._persist, kind=kind)
+        # the controls in force go in the event too: a view offers a fork of this file with them, no torch.load
+        self._event("checkpoint", source, {"path": str(path), "reason": reason, "tag": tag, "metric": metric,
+                                           "controls": dict(components.get("controls") or {})}, step)
         self._on_save(path, reason, metric)
         return path
 
@@ -132,14 +163,31 @@ class Checkpointer:
         if choice == "process" and why_not:
             raise ValueError(f"checkpoint_writer: got 'process', but {why_not}; allowed here: auto, thread")
         if choice == "thread" or why_not:
-            return ck.AsyncWriter(self._failed, pacing.default_pacer())
-        return ckptproc.ProcessWriter(self._failed, pacing.default_pacer(), on_fallback=self._fell_back)
+            return ck.AsyncWriter(self._failed, pacing.default_pacer(), on_replaced=self._replaced)
+        return ckptproc.ProcessWriter(self._failed, pacing.default_pacer(), on_fallback=self._fell_back,
+                                      on_replaced=self._replaced)
 
     def _fell_back(self, why: str) -> None:
         self._event("checkpoint_writer", "trainer", {"mode": "thread", "why": why}, None)
 
+    def _replaced(self, path: Path) -> None:
+        self._event("checkpoint_skipped", "trainer", {"path": str(path), "reason": "replaced by a newer save while "
+                                                      "the writer was still busy with an earlier one"}, None)
+
     def _failed(self, path: Path, e: BaseException) -> None:
-        self._event("checkpoint_failed", "trainer", {"path": str(path), "error": f"{type(e).__name__}: {e}"}, None)
+        text = f"{type(e).__name__}: {e}"
+        self._event("checkpoint_failed", "trainer", {"path": str(path), "error": text}, None)
+        if self.failure is None:  # training on would make steps no checkpoint can keep: the run ends failed
+            err = CheckpointWriteFailed(f"checkpoint {path} could not be written ({text}); the run stops here, "
+                                        f"its earlier checkpoints are intact")
+            err.errno = getattr(e, "errno", None)
+            err.__cause__ = e
+            self.failure = err
+
+    def check(self) -> None:
+        """Raise the failure of a save, if one could not be written (the loop ends the run with it)."""
+        if self.failure is not None:
+            raise self.failure
 
     @property
     def mode(self) -> str:
@@ -147,8 +195,14 @@ class Checkpointer:
         return getattr(self.writer, "mode", "thread")
 
     def wait(self) -> None:
-        """Until every save so far is on disk."""
+        """Until every save so far is on disk; raises when one could not be written."""
         self.writer.wait()
+        self.check()
+
+
+class CheckpointWriteFailed(OSError):
+    """A checkpoint could not be written (the disk is full, read-only, ...): the run ends ``failed``. The
+    message names the file and the cause (``errno`` is the cause's, ENOSPC for a full disk)."""
 
 
 def finite_params(latest_layers: Mapping[str, Any] | None, step: int, params: list[torch.Tensor]) -> set[tuple]:

@@ -6,31 +6,34 @@ trainer may wait at its next Python line; pacing the thread (``workbench.pacing`
 over many steps but cannot remove it. A separate process has a GIL of its own, so the trainer's share
 of a save is the copy of the state into host memory at a step boundary and nothing else.
 
-How the state travels: the trainer copies each tensor into an *arena*, a file in a memory-backed
-folder (``/dev/shm``) that both processes map. The writer gets a small message per save: the file to
-write and the state's structure with every tensor replaced by a :class:`TensorRef` (arena, offset,
-dtype, shape, strides). It wraps those bytes as tensors without copying them, writes the file with
-:func:`workbench.checkpoint.atomic_save` (the same bytes a thread would write) and answers; only
-then may the trainer copy a later save into the same arena. The writer unlinks an arena's file as
-soon as it has mapped it, so nothing is left in ``/dev/shm`` when either process dies.
+How the state travels: the trainer copies each tensor into an *arena*, anonymous shared memory
+(``memfd_create``: no name in any folder) whose descriptor goes to the writer over a Unix socket
+(``SCM_RIGHTS``) once. The writer gets a small message per save: the file to write and the state's
+structure with every tensor replaced by a :class:`TensorRef` (arena, offset, dtype, shape, strides). It
+wraps those bytes as tensors without copying them, writes the file with
+:func:`workbench.checkpoint.atomic_save` (the same bytes a thread would write) and answers; only then may
+the trainer copy a later save into the same arena. The kernel frees an arena when the last process
+holding it ends, so a killed trainer or writer leaves no shared memory behind.
 
 The process is started with ``python -c`` (never ``multiprocessing``'s spawn, which would import
 the user's ``__main__`` again and re-run a script without a ``__main__`` guard), one per Python
-process, shared by every trainer in it, and ends when its parent closes the pipe (exit or crash).
-If it cannot start or dies, :class:`ProcessWriter` writes on its own thread instead and says why.
+process, shared by every trainer in it. When its parent ends (exit, crash, SIGKILL) its socket closes and
+it exits at once, abandoning a write under way (a temp file, removed at the run's next start), so no file
+lands after its trainer is gone. If it cannot start or dies, :class:`ProcessWriter` writes on its own
+thread instead and says why. Memory is bounded as for any writer (:class:`workbench.checkpoint.AsyncWriter`):
+one save written, one waiting, each with its own set of arenas.
 """
 from __future__ import annotations
 
-import atexit
 import itertools
 import mmap
 import os
 import pickle
 import queue
 import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -38,44 +41,41 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .checkpoint import AsyncWriter, atomic_save
+from .checkpoint import AsyncWriter, SaveJob, atomic_save
 from .cputhreads import cpu_count
 from .pacing import Pacer
 
 ALIGN = 64          # arena offsets are multiples of this (any dtype's alignment)
 MIN_ARENA = 1 << 16
-NICE = 10           # the writer process's niceness, relative to its parent
+NICE = 0            # the writer process's niceness, relative to its parent: not lowered, since a process cannot
+                    # raise it back when it falls behind, and a starved writer (nice 10 beside a busy trainer on a
+                    # loaded machine) took 10 s a save, so that every waiting save was replaced
 _LOST = object()    # a job whose answer will never come (the process ended)
 
 
 def unsupported() -> str | None:
     """Why the writer process cannot run here, or None when it can."""
-    if os.name != "posix":
-        return "the writer process needs a POSIX system (arenas are shared by path)"
+    if os.name != "posix" or not hasattr(socket, "send_fds"):
+        return "the writer process needs a POSIX system (arenas are passed over a Unix socket)"
+    if not hasattr(os, "memfd_create"):
+        return "the writer process needs memfd_create (Linux) for its shared memory"
     if not sys.executable:
         return "no Python executable to start the writer process with"
     return None
 
 
-def arena_dirs() -> list[str]:
-    """Where arenas may go, best first: /dev/shm (memory-backed on Linux), then the temp folder (the page
-    cache keeps a file that is written and read at once in memory). An arena is made in the first of them
-    with room; when none has any, the save is written by this process from private memory instead.
-
-    Arena files are named ``workbench-<pid>-<n>.buf`` (``pid``: the trainer's process); the writer process
-    unlinks each one as soon as it has mapped it, so none outlives a save's buffers."""
-    shm = "/dev/shm"
-    first = [shm] if os.path.isdir(shm) and os.access(shm, os.W_OK) else []
-    return first + [tempfile.gettempdir()]
+def new_arena_fd(name: str) -> int:
+    """A descriptor of anonymous shared memory (no name in any folder; freed with its last holder)."""
+    return os.memfd_create(name, getattr(os, "MFD_CLOEXEC", 1))
 
 
 class TensorRef(NamedTuple):
-    """Where a host copy lies: ``nbytes`` at ``offset`` of the arena file ``path``, as dtype/shape/stride.
+    """Where a host copy lies: ``nbytes`` at ``offset`` of the arena ``arena``, as dtype/shape/stride.
 
     In a message it travels as a plain tuple tagged with ``REF_TAG`` (:meth:`wire`): the pickler writes a
     plain tuple without calling back into Python, and every such call would let the trainer thread and
     the thread sending the message hand the GIL back and forth (~27 times for a small model's state)."""
-    path: str
+    arena: str
     offset: int
     nbytes: int
     dtype: str
@@ -97,56 +97,27 @@ REF_TAG = "\x00workbench.TensorRef"
 
 
 # ----------------------------------------------------------------------------- the trainer's side
-_unlinked_at_exit: set[str] = set()  # arena files of this process the writer may not have unlinked yet
-
-
-@atexit.register
-def _remove_arena_files() -> None:
-    for path in list(_unlinked_at_exit):
-        _unlink(path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-    _unlinked_at_exit.discard(path)
-
-
 class Arena:
-    """A block of host memory the writer process can map: a file in a memory-backed folder."""
+    """A block of host memory the writer process can map: an anonymous shared-memory descriptor."""
 
     _names = itertools.count()
 
     def __init__(self, nbytes: int) -> None:
         self.size = max(int(nbytes), MIN_ARENA)
-        name = f"workbench-{os.getpid()}-{next(Arena._names)}.buf"
-        for i, folder in enumerate(dirs := arena_dirs()):
-            try:
-                self._map: mmap.mmap | None = self._create(os.path.join(folder, name))
-                break
-            except OSError:  # no room there (a container's /dev/shm is often 64 MB): the next folder
-                if i == len(dirs) - 1:
-                    raise
-        self.bytes: torch.Tensor | None = torch.frombuffer(self._map, dtype=torch.uint8)
-        self.used = 0
-
-    def _create(self, path: str) -> mmap.mmap:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self.path = path
-        _unlinked_at_exit.add(path)
+        self.key = f"workbench-{os.getpid()}-{next(Arena._names)}"
+        fd = new_arena_fd(self.key)
         try:
             if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(fd, 0, self.size)  # room reserved now: a write to the map can never fail
             else:
                 os.ftruncate(fd, self.size)
-            return mmap.mmap(fd, self.size)
+            self._map: mmap.mmap | None = mmap.mmap(fd, self.size)
         except BaseException:
-            _unlink(path)
-            raise
-        finally:
             os.close(fd)
+            raise
+        self.fd: int | None = fd  # kept until close: a writer process started later gets it too
+        self.bytes: torch.Tensor | None = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.used = 0
 
     def take(self, nbytes: int) -> int | None:
         """The offset of ``nbytes`` more, or None when they do not fit."""
@@ -161,7 +132,9 @@ class Arena:
         if self._map is not None:
             _close_map(self._map)
             self._map = None
-        _unlink(self.path)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class HostBuffers(dict):
@@ -195,7 +168,7 @@ class HostBuffers(dict):
             self.arenas.append(arena)
             offset = arena.take(nbytes)
         buf = arena.bytes[offset:offset + nbytes].view(layout.dtype).as_strided(layout.shape, layout.stride())
-        ref = TensorRef(arena.path, offset, nbytes, str(layout.dtype).removeprefix("torch."), tuple(layout.shape),
+        ref = TensorRef(arena.key, offset, nbytes, str(layout.dtype).removeprefix("torch."), tuple(layout.shape),
                         tuple(layout.stride()))
         self.refs[id(buf)] = (buf, ref, ref.wire())
         return buf
@@ -212,10 +185,10 @@ class HostBuffers(dict):
     def materialize(self, tree: Any) -> Any:
         """The tree with each TensorRef replaced by a copy in memory of its own: for writing in this
         process (torch.save of a view into an arena would write the whole arena)."""
-        arenas = {a.path: a for a in self.arenas}
+        arenas = {a.key: a for a in self.arenas}
 
         def copy(ref: TensorRef) -> torch.Tensor:
-            src = arenas[ref.path].bytes[ref.offset:ref.offset + ref.nbytes].view(getattr(torch, ref.dtype))
+            src = arenas[ref.arena].bytes[ref.offset:ref.offset + ref.nbytes].view(getattr(torch, ref.dtype))
             return torch.empty_strided(ref.shape, ref.stride, dtype=src.dtype).copy_(src.as_strided(ref.shape,
                                                                                                       ref.stride))
 
@@ -263,23 +236,27 @@ def _with_tensors(tree: Any, make: Callable[[TensorRef], torch.Tensor],
 
 
 class _Client:
-    """This process's connection to its writer process (one, shared by every trainer)."""
+    """This process's connection to its writer process (one, shared by every trainer): a Unix socket, over
+    which arenas' descriptors travel once each and every save is a small message."""
 
     def __init__(self) -> None:
         self.owner = os.getpid()
         root = str(Path(__file__).resolve().parent.parent)
-        code = f"import sys; sys.path.insert(0, {root!r}); from workbench.ckptproc import main; main()"
-        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      close_fds=True)
-        self._out = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
-        self._in = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
-        self._proc.stdin.close()
-        self._proc.stdout.close()
-        self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        code = (f"import sys; sys.path.insert(0, {root!r}); from workbench.ckptproc import main; "
+                f"main({theirs.fileno()})")
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                                          pass_fds=(theirs.fileno(),), close_fds=True)
+        finally:
+            theirs.close()
+        self._sock, self._conn = mine, Connection(os.dup(mine.fileno()))
+        self._send_lock, self._lock = threading.Lock(), threading.Lock()
         self._jobs: dict[int, list] = {}  # job -> [event, answer]
+        self._sent: set[str] = set()      # arenas the process has
         self._ids = itertools.count()
         self.ended: str | None = None  # why the process is gone
+        self._hurried = False  # a hurry is on its way for the save being written
         self.ready = threading.Event()  # the process has imported torch and reads messages (or has ended)
         threading.Thread(target=self._read, name="workbench-ckpt-process-reader", daemon=True).start()
 
@@ -291,12 +268,13 @@ class _Client:
     def _read(self) -> None:
         try:
             while True:
-                msg = pickle.loads(self._in.recv_bytes())
+                msg = pickle.loads(self._conn.recv_bytes())
                 if msg[0] == "ready":
                     self.ready.set()
                 elif msg[0] == "done":
                     with self._lock:
                         job = self._jobs.pop(msg[1], None)
+                        self._hurried = False
                     if job is not None:
                         job[1] = msg[2]
                         job[0].set()
@@ -310,39 +288,55 @@ class _Client:
             job[1] = _LOST
             job[0].set()
         self.ready.set()
+        self._conn.close()
+        self._sock.close()
 
-    def _send(self, msg: tuple) -> bool:
+    def _send(self, msg: tuple, arenas: list[Arena] = ()) -> bool:
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)  # plain data: plain pickle, not ForkingPickler
         try:
             with self._send_lock:
-                self._out.send_bytes(data)
+                for arena in arenas:  # descriptors first, each once: the message may refer to them
+                    if arena.key not in self._sent and arena.fd is not None:
+                        self._conn.send_bytes(pickle.dumps(("arena", arena.key, arena.size)))
+                        socket.send_fds(self._sock, [b"F"], [arena.fd])
+                        self._sent.add(arena.key)
+                self._conn.send_bytes(data)
             return True
         except (OSError, ValueError):
             return False
 
-    def save(self, path: Path, skeleton: Any, pace: bool, trainer: int | None = None) -> list | None:
+    def save(self, path: Path, skeleton: Any, arenas: list[Arena], pace: bool, trainer: int | None = None
+             ) -> list | None:
         """Send one checkpoint to the process; returns at once with the job, ``[event, answer]``: once
-        the event is set, the answer is None (written), the error's text, or ``_LOST`` (the process
-        ended first). None when the message could not be sent (the process has ended). ``pace``: the
-        trainer's team fills every core; ``trainer``: its thread's native id (see :func:`keep_off`)."""
+        the event is set, the answer is None (written), the error ``(errno, text)``, or ``_LOST`` (the
+        process ended first). None when the message could not be sent (the process has ended). ``pace``:
+        the trainer's team fills every core; ``trainer``: its thread's native id (see :func:`keep_off`)."""
         job = [threading.Event(), _LOST]
         with self._lock:
             if self.ended:
                 return None
             n = next(self._ids)
             self._jobs[n] = job
-        if not self._send(("save", n, str(path), skeleton, pace, trainer)):
+        if not self._send(("save", n, str(path), skeleton, pace, trainer), arenas):
             with self._lock:
                 self._jobs.pop(n, None)
             return None
         return job
 
     def hurry(self) -> None:
-        """Someone waits for the files: the process stops pacing the save it is writing."""
-        self._send(("hurry",))
+        """Someone waits for the files: the process stops pacing the save it is writing. Once per save: more
+        messages to a stalled process would fill the socket and block the trainer thread that sends them."""
+        with self._lock:
+            hurried, self._hurried = self._hurried, True
+        if not hurried:
+            self._send(("hurry",))
 
-    def release(self, path: str) -> None:
-        self._send(("release", path))
+    def release(self, key: str) -> None:
+        with self._send_lock:
+            known = key in self._sent
+            self._sent.discard(key)
+        if known:
+            self._send(("release", key))
 
 
 _client: _Client | None = None
@@ -359,11 +353,17 @@ def client() -> _Client:
 
 
 class WriteFailed(Exception):
-    """A checkpoint write that failed in the writer process; the message is that process's error."""
+    """A checkpoint write that failed in the writer process; the message is that process's error, ``errno``
+    the OSError's number when it was one (ENOSPC: the disk is full)."""
+
+    def __init__(self, text: str, errno: int | None = None) -> None:
+        super().__init__(text)
+        self.errno = errno
 
 
 class ProcessWriter(AsyncWriter):
-    """Writes checkpoints in the writer process, one at a time, in order.
+    """Writes checkpoints in the writer process, one at a time, in order, with bounded memory (see
+    :class:`AsyncWriter`: one save written, one waiting).
 
     ``submit`` is called on the trainer thread with a state copied into :class:`HostBuffers` from
     :meth:`take_buffers`; the writer's thread (see :class:`AsyncWriter`) sends it to the process, waits
@@ -375,8 +375,9 @@ class ProcessWriter(AsyncWriter):
     """
 
     def __init__(self, on_error: Callable[[Path, BaseException], None], pacer: Pacer | None = None,
-                 on_fallback: Callable[[str], None] | None = None) -> None:
-        super().__init__(on_error, pacer)
+                 on_fallback: Callable[[str], None] | None = None,
+                 on_replaced: Callable[[Path], None] | None = None) -> None:
+        super().__init__(on_error, pacer, on_replaced)
         self._on_fallback = on_fallback
         self._client: _Client | None = None
         self._fell_back: str | None = unsupported()
@@ -394,36 +395,44 @@ class ProcessWriter(AsyncWriter):
     def mode(self) -> str:
         return "thread" if self._fell_back else "process"
 
-    def take_buffers(self) -> HostBuffers:
-        """Host buffers for the next save: those of an earlier save once it is on disk (copying into
-        memory that is mapped already is ~10x faster than fresh allocations), else new ones."""
-        buffers = self._pool.pop() if self._pool else HostBuffers()
+    def _fresh_buffers(self) -> HostBuffers:
+        return HostBuffers()
+
+    def _prepare(self, buffers: HostBuffers) -> HostBuffers:
         buffers.complete = True
         return buffers
 
     def recycle(self, buffers: HostBuffers) -> None:
         """A save is on disk: keep its buffers for the next one (one set; others are freed)."""
-        if self._pool or not buffers.complete or buffers.wasteful():  # (incomplete: try the arenas again)
+        with self._cond:
+            keep = not self._pool and buffers.complete and not buffers.wasteful()  # (incomplete: try arenas again)
+            if keep:
+                self._pool.append(buffers)
+        if not keep:
             self._free(buffers)
-        else:
-            self._pool.append(buffers)
 
     def _free(self, buffers: HostBuffers) -> None:
-        paths = [a.path for a in buffers.arenas]
+        keys = [a.key for a in buffers.arenas]
         buffers.close()
         if self._client is not None:
-            for p in paths:
-                self._client.release(p)
+            for k in keys:
+                self._client.release(k)
 
     def close(self) -> None:
         """Free the kept buffers (the run has ended); a later save makes new ones."""
-        while self._pool:
-            self._free(self._pool.pop())
+        with self._cond:
+            pool, self._pool = self._pool, []
+        for buffers in pool:
+            self._free(buffers)
+        super().close()
 
-    def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: HostBuffers) -> None:
+    def submit(self, state: dict, path: Path, on_done: Callable[[Path], None], buffers: HostBuffers, *,
+               replaceable: bool = False, before: Callable[[], None] | None = None, kind: str | None = None) -> None:
         # read on the trainer thread: its intra-op team, and which thread it is
-        self._enqueue((state, path, on_done, buffers, (torch.get_num_threads() >= self._cpus,
-                                                       threading.get_native_id())))
+        extra = (torch.get_num_threads() >= self._cpus, threading.get_native_id())
+        self._enqueue(SaveJob(state, path, on_done, buffers, extra, replaceable, before, kind))
+        if self._busy and self._client is not None:
+            self._client.hurry()  # a save now waits behind the one being written: that one stops pacing itself
 
     def _write(self, state: dict, path: Path, buffers: HostBuffers, extra: tuple[bool, int]) -> None:
         """Send the save to the process and wait for its answer; write here when it cannot (``state``:
@@ -436,10 +445,13 @@ class ProcessWriter(AsyncWriter):
         if self._fell_back is None and buffers.complete:
             if self._client is None:
                 self.start()
-            if self._client is not None:
+            if self._client is not None and self._client.ready.is_set():  # (still importing torch: written here)
                 if self._pacer is not None:
                     self._pacer.start()
-                job = self._client.save(path, state, *extra)
+                job = self._client.save(path, state, buffers.arenas, *extra)
+            elif self._client is not None:
+                atomic_save(buffers.materialize(state), path, self._pacer)
+                return
         if job is not None:
             job[0].wait()
             if job[1] is None:
@@ -447,7 +459,8 @@ class ProcessWriter(AsyncWriter):
                     self._pacer.start()
                 return
             if job[1] is not _LOST:
-                raise WriteFailed(job[1])
+                errno, text = job[1]
+                raise WriteFailed(text, errno)
         if buffers.complete and self._fell_back is None:
             self._fallback((self._client.ended if self._client is not None else None) or "the writer process ended")
         atomic_save(buffers.materialize(state), path, self._pacer)
@@ -460,7 +473,7 @@ class ProcessWriter(AsyncWriter):
 
     def wait(self) -> None:
         """Block until every submitted checkpoint is written (at full speed: someone is waiting)."""
-        if self._client is not None and self._queue.unfinished_tasks:
+        if self._client is not None and (self._pending is not None or self._busy):
             self._client.hurry()
         super().wait()
 
@@ -470,17 +483,8 @@ def _tensor(ref: TensorRef, maps: dict[str, mmap.mmap]) -> torch.Tensor:
     dtype = getattr(torch, ref.dtype)
     if ref.nbytes == 0:
         return torch.empty_strided(ref.shape, ref.stride, dtype=dtype)
-    mm = maps.get(ref.path)
-    if mm is None:
-        fd = os.open(ref.path, os.O_RDWR)
-        try:
-            mm = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-        os.unlink(ref.path)  # mapped by both now: nothing is left behind if either process dies
-        maps[ref.path] = mm
     # A storage of exactly these bytes (not the whole arena, which torch.save would write whole).
-    raw = torch.frombuffer(mm, dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
+    raw = torch.frombuffer(maps[ref.arena], dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
     return raw.view(dtype).as_strided(ref.shape, ref.stride)
 
 
@@ -528,26 +532,32 @@ def _close_map(mm: mmap.mmap) -> None:
         pass
 
 
-def main() -> None:
-    """The writer process: read messages from stdin, answer on stdout, until stdin closes."""
-    out = Connection(os.dup(1), readable=False)
-    inp = Connection(os.dup(0), writable=False)
-    os.dup2(2, 1)  # a stray print goes to stderr, never into the answers
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; this ends when its pipe closes
+def main(fd: int) -> None:
+    """The writer process: read messages from the socket ``fd``, answer on it, until its parent is gone."""
+    sock = socket.socket(fileno=fd)
+    conn = Connection(os.dup(fd))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; this ends when its socket closes
     torch.set_num_threads(1)
-    try:  # when it has to share a core with training, the scheduler gives training the larger part
-        os.nice(NICE)
+    try:
+        if NICE:
+            os.nice(NICE)
     except OSError:
         pass
-    # Messages are read as they come, so a sender never blocks on a full pipe while a save is written.
+    # Messages are read as they come, so a sender never blocks on a full socket while a save is written.
     inbox: queue.SimpleQueue = queue.SimpleQueue()
 
     def read() -> None:
         try:
             while True:
-                inbox.put(pickle.loads(inp.recv_bytes()))
-        except (EOFError, OSError):
-            inbox.put(("stop",))
+                msg = pickle.loads(conn.recv_bytes())
+                if msg[0] == "arena":
+                    _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+                    msg = (*msg, fds[0])
+                inbox.put(msg)
+        except (EOFError, OSError, IndexError):
+            pass
+        # The parent is gone: a file written now would land after its trainer, outside its records.
+        os._exit(0)
 
     threading.Thread(target=read, name="workbench-ckpt-inbox", daemon=True).start()
     pacer = Pacer(behind=lambda: not inbox.empty())  # any message waiting (a hurry, a newer save) ends pauses
@@ -556,7 +566,7 @@ def main() -> None:
 
     def answer(*msg: Any) -> bool:
         try:
-            out.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
             return True
         except OSError:  # the parent is gone
             return False
@@ -572,15 +582,19 @@ def main() -> None:
                 atomic_save(state, path, pacer if pace else None)
                 error = None
             except BaseException as e:  # noqa: BLE001 - sent back; the parent reports it
-                error = f"{type(e).__name__}: {e}"
+                error = (getattr(e, "errno", None), f"{type(e).__name__}: {e}")
             state = None
             if not answer("done", job, error):
                 break
+        elif msg[0] == "arena":
+            _, key, size, afd = msg
+            try:
+                maps[key] = mmap.mmap(afd, size)
+            finally:
+                os.close(afd)
         elif msg[0] == "release":
             mm = maps.pop(msg[1], None)
             if mm is not None:
                 _close_map(mm)
-        elif msg[0] == "stop":
-            break
     for mm in maps.values():
         _close_map(mm)

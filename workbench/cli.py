@@ -1,4 +1,4 @@
-"""Command-line interface: ``workbench train | resume | runs | scenarios | dashboard``.
+"""Command-line interface: ``workbench train | resume | sweep | runs | scenarios | dashboard``.
 
 The run/progress/summary logic lives in plain functions that take a ``Trainer`` (``run_trainer``,
 ``summary``) so tests and scripts can call them without going through argparse. The main thread only
@@ -27,7 +27,7 @@ from .rundir import list_runs
 from .trainer import Trainer, TrainingFailed
 
 POLL_SECONDS = 0.2  # ~5 snapshots a second
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 _sleep = time.sleep  # the polling pause (tests replace it to simulate Ctrl-C)
@@ -86,7 +86,8 @@ def _finite(x: Any) -> float | None:
 
 
 def _postfix(snap: dict[str, Any]) -> dict[str, str]:
-    """The progress bar's postfix: loss, the lr of the last step, samples/s (those known so far)."""
+    """The progress bar's postfix: loss, the lr of the last step, samples/s, FLOP/s (those known so far); the bar
+    itself shows the time left to the planned end."""
     out: dict[str, str] = {}
     loss, lr, sps = _finite(snap.get("train_loss")), _finite(snap.get("lr")), _finite(snap.get("samples_per_s"))
     if loss is not None:
@@ -95,6 +96,9 @@ def _postfix(snap: dict[str, Any]) -> dict[str, str]:
         out["lr"] = f"{lr:.2e}"
     if sps is not None:
         out["samples/s"] = f"{sps:,.0f}"
+    flop_s = _finite(snap.get("flop_s"))
+    if flop_s is not None:  # a Transformer-like model's 6·N·D estimate (workbench.cost)
+        out["FLOP/s"] = f"{flop_s:.2e}"
     return out
 
 
@@ -102,12 +106,22 @@ def _quote(path: Any) -> str:
     return shlex.quote(str(path))
 
 
+def diverged(trainer: Trainer) -> Any:
+    """The divergence alert a run ended with (open, not dismissed), or None: a run that a divergence policy
+    paused or stopped, or that kept training with its loss blown up, ended diverged whatever its status."""
+    return next((a for a in reversed(trainer.alerts) if a.kind == "divergence" and a.open), None)
+
+
 def summary(trainer: Trainer, error: str | None = None) -> str:
-    """One paragraph on how the run ended: status, steps, losses, run dir, and the resume/TensorBoard commands."""
+    """One paragraph on how the run ended: status (diverged, where it did), steps, losses, run dir, and the
+    resume/TensorBoard commands."""
     snap = trainer.snapshot()
     status, step = snap["status"], snap["step"]
     total = snap.get("total_steps")
-    parts = [f"Run {status} at step {step}" + (f" of {total}" if total else "") + f" (epoch {snap['epoch']})."]
+    div = diverged(trainer) if status != "failed" else None
+    where = f"at step {step}" + (f" of {total}" if total else "")
+    parts = [f"Run diverged at step {div.step} ({status} {where}, epoch {snap['epoch']})." if div is not None
+             else f"Run {status} {where} (epoch {snap['epoch']})."]
     if error:
         parts.append(f"Error: {error}.")
     loss = _finite(snap.get("train_loss"))
@@ -128,6 +142,7 @@ def summary(trainer: Trainer, error: str | None = None) -> str:
     if status == "failed":
         parts.append(f"The traceback is in the run's event log ({run_dir / 'run.db'}).")
     parts.append(f"Resume with `workbench resume {_quote(run_dir)}`; "
+                 f"look at it in the dashboard with `workbench dashboard --runs {_quote(run_dir.parent)}`; "
                  f"open TensorBoard with `tensorboard --logdir {_quote(run_dir / 'tb')}`.")
     return " ".join(parts)
 
@@ -145,7 +160,8 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
     """Start ``trainer`` (unless started), show progress on ``err`` until it ends, print the summary on ``out``.
 
     Ctrl-C asks the trainer to stop cleanly (it saves a checkpoint) and waits for it; a second Ctrl-C
-    gives up waiting. Returns the exit code: 0 finished/stopped, 1 failed, 130 abandoned.
+    gives up waiting. Returns the exit code: 0 finished/stopped, 1 failed, 3 diverged (the run ended with an
+    open divergence alert, whatever stopped it), 130 abandoned.
     """
     from tqdm import tqdm
 
@@ -181,8 +197,8 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
                           file=err)
         if trainer.paused_by_policy and not stopping:
             stopping.append(trainer.step_count)
-            bar.write("The run diverged and the divergence policy paused it; stopping it here (set "
-                      "on_divergence=rollback to roll back and lower the lr automatically).", file=err)
+            bar.write("The divergence policy paused the run; stopping it here (set on_divergence=rollback to roll "
+                      "back and lower the lr automatically).", file=err)
             trainer.stop(source="cli")
 
     # The first Ctrl-C only sets a flag, read between two polls: raised as KeyboardInterrupt it could land
@@ -194,8 +210,18 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
         if len(ctrl_c) > 1:
             raise KeyboardInterrupt  # the second one: stop waiting
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
-        else None
+    terminated: list[int] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # what schedulers, container runtimes and `kill` send: stop at the next boundary with a checkpoint, as
+        # the first Ctrl-C does (never the second: a grace period ends in SIGKILL anyway)
+        if not ctrl_c:
+            ctrl_c.append(time.monotonic())
+            terminated.append(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    previous_term = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         try:
             while trainer.is_alive and not ctrl_c:
@@ -207,8 +233,8 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
         if ctrl_c and trainer.is_alive:
             interrupted = True
             trainer.stop(source="cli")
-            print("\nCtrl-C: stopping after the current step and saving a checkpoint "
-                  "(press Ctrl-C again to quit without waiting)...", file=err, flush=True)
+            print(f"\n{'SIGTERM' if terminated else 'Ctrl-C'}: stopping after the current step and saving a "
+                  f"checkpoint (press Ctrl-C again to quit without waiting)...", file=err, flush=True)
             try:
                 while trainer.is_alive:
                     _sleep(poll)
@@ -220,6 +246,8 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         bar.close()
 
     try:
@@ -233,6 +261,8 @@ def run_trainer(trainer: Trainer, *, progress: bool = True, out: TextIO | None =
         print(f"Run stopped at step {trainer.step_count}. Resume it with: workbench resume {_quote(trainer.run_dir)}",
               file=err, flush=True)
     print(summary(trainer), file=out, flush=True)
+    if diverged(trainer) is not None:
+        return EXIT_DIVERGED
     return EXIT_OK if status in ("finished", "stopped") else EXIT_FAILED
 
 
@@ -278,6 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", metavar="DIR", help="the run directory (or a checkpoint file)")
     resume.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
 
+    sweep = sub.add_parser("sweep", help="search hyperparameters with Optuna (each trial a run)",
+                           description="Run Optuna trials of a config; each trial is a run directory under the sweep "
+                                       "directory, pruned by the median pruner and on divergence.")
+    sweep.add_argument("--config", metavar="FILE", help="YAML file of config fields (default: the built-in defaults)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field (repeatable)")
+    sweep.add_argument("--trials", type=int, required=True, metavar="N", help="trials this process runs")
+    sweep.add_argument("--space", metavar="FILE", help="YAML search space (default: lr, batch_size, weight_decay)")
+    sweep.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid"], help="default: tpe")
+    sweep.add_argument("--storage", metavar="URL", help="Optuna RDB URL shared by several sweep processes "
+                                                        "(default: sqlite under the sweep directory)")
+    sweep.add_argument("--sweep-dir", metavar="DIR", help="folder of the trials' runs (default: RUNS/sweep-NAME)")
+    sweep.add_argument("--study", metavar="NAME", help="study name (default: the config's name, or 'sweep')")
+    sweep.add_argument("--seed", type=int, default=None, help="the sampler's seed")
+
     sub.add_parser("scenarios", help="list the teaching scenarios",
                    description="List the teaching scenarios: what each shows and which alert it should raise.")
 
@@ -291,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--port", type=int, default=None, metavar="P", help="port (default: 8501, or the next free one)")
     dash.add_argument("--address", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     dash.add_argument("--demo", action="store_true", help="start the demo run (configs/demo.yaml) on launch")
+    dash.add_argument("--allow", action="append", default=[], metavar="DIR",
+                      help="a folder (besides --runs and the app's configs/) whose files the page may read or "
+                           "write: YAML configs, CSV data, runs folders (repeatable)")
     return parser
 
 
@@ -308,10 +356,19 @@ def dashboard_argv(args: argparse.Namespace) -> list[str]:
             with socket.socket() as s:
                 if s.connect_ex((args.address, port)) != 0:
                     break
+    # Only this machine's names may open the page's WebSocket (a DNS-rebinding site cannot: its Host is its own),
+    # only pages of this origin (CORS), and every form post carries the XSRF token.
+    hosts = ["localhost", "127.0.0.1", "[::1]", "::1"]
+    if args.address not in ("0.0.0.0", "::", "") and args.address not in hosts:
+        hosts.append(args.address)
     argv = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--client.toolbarMode", "viewer",
-            "--", "--runs", str(Path(args.runs).expanduser().resolve())]
+            "--client.toolbarMode", "viewer", "--server.enableXsrfProtection", "true", "--server.enableCORS", "true"]
+    for host in hosts:
+        argv += ["--server.allowedHosts", host]
+    argv += ["--", "--runs", str(Path(args.runs).expanduser().resolve())]
+    for folder in getattr(args, "allow", None) or []:
+        argv += ["--allow", str(Path(folder).expanduser().resolve())]
     return argv + (["--demo"] if args.demo else [])
 
 
@@ -343,6 +400,29 @@ def _cmd_resume(args: argparse.Namespace) -> Trainer:
     return Trainer.from_checkpoint(path)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_space, run_sweep, trials_table
+
+    try:
+        if args.trials < 1:
+            raise UsageError(f"--trials: got {args.trials}; allowed: 1 or more")
+        cfg = build_config(args.config, args.overrides)
+        study = run_sweep(cfg, args.trials, sweep_dir=args.sweep_dir, storage=args.storage,
+                          space=load_space(args.space), sampler=args.sampler, study_name=args.study, seed=args.seed)
+    except (ValueError, TypeError, yaml.YAMLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    table = trials_table(study)
+    print(table.to_string(index=False))
+    done = [t for t in study.trials if t.value is not None]
+    if done:
+        best = study.best_trial
+        print(f"Best trial {best.number}: {cfg.monitor} {best.value:.4f} with {best.params} "
+              f"(run {best.user_attrs.get('run_dir')}). Watch it with `workbench dashboard --runs "
+              f"{_quote(study.user_attrs.get('sweep_dir', '.'))}`.")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``workbench`` command; returns the exit code."""
     parser = build_parser()
@@ -368,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Training Workbench dashboard on http://{args.address}:{argv[argv.index('--server.port') + 1]} "
               f"(runs: {argv[argv.index('--runs') + 1]}); Ctrl-C to quit.", file=sys.stderr, flush=True)
         os.execv(argv[0], argv)
+    if args.command == "sweep":
+        return _cmd_sweep(args)
     try:
         trainer = _cmd_train(args) if args.command == "train" else _cmd_resume(args)
     except (ValueError, TypeError, yaml.YAMLError) as e:
@@ -379,7 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted before the run started", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return run_trainer(trainer, progress=not args.no_progress)
+    from .distributed import rank
+
+    quiet = rank() > 0  # under torchrun, rank 0 speaks for the run (its directory); the others train quietly
+    return run_trainer(trainer, progress=not (args.no_progress or quiet), out=open(os.devnull, "w") if quiet else None)
 
 
 if __name__ == "__main__":

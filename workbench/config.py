@@ -6,6 +6,7 @@ checkpoint, so a run can be read, repeated and resumed without the code that sta
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -170,11 +171,11 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: got {getattr(self, name)!r}; allowed: true or false")
         self.loss = check_choice("loss", self.loss, LOSSES)
-        self.optimizer = check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self.optimizer = check_choice("optimizer", self.optimizer, OPTIMIZERS + ("custom",))
         self.lr = check_number("lr", self.lr, positive=True)
         self.momentum = check_number("momentum", self.momentum, minimum=0.0, maximum=1.0)
         self.weight_decay = check_number("weight_decay", self.weight_decay, minimum=0.0)
-        self.schedule = check_choice("schedule", self.schedule, SCHEDULES)
+        self.schedule = check_choice("schedule", self.schedule, SCHEDULES + ("custom",))
         self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
         self.precision = check_choice("precision", self.precision, PRECISIONS)
         self.accumulate = check_int("accumulate", self.accumulate, minimum=1)
@@ -215,7 +216,8 @@ class TrainConfig:
             raise ValueError(f"schedule: {self.schedule!r} needs a run length; set max_steps or max_epochs")
         from .schedules import check_schedule_options  # local: schedules imports this module
 
-        check_schedule_options(self.schedule, self.schedule_options)
+        if self.schedule != "custom":  # the user's own schedule object takes no options from here
+            check_schedule_options(self.schedule, self.schedule_options)
         from .diagnosis import default_detectors  # validates detector names and options
 
         default_detectors(self.diagnosis_options)
@@ -234,7 +236,10 @@ class TrainConfig:
             raise TypeError(f"config: got {type(values).__name__}; allowed: a mapping of field -> value")
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; "
+            near = [f"{m[0]!r} for {k!r}" for k in unknown
+                    if (m := difflib.get_close_matches(str(k), cls.field_names(), n=1, cutoff=0.75))]
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise ValueError(f"config: unknown key(s) {', '.join(map(repr, unknown))}{hint}; "
                              f"valid keys: {', '.join(cls.field_names())}")
         return cls(**dict(values))
 
@@ -251,8 +256,11 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
         """Read a YAML file of field: value pairs (unknown keys are refused)."""
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot be read as YAML ({_yaml_problem(e)}); allowed: a mapping of "
+                             f"field: value pairs") from None
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: expected a mapping of field: value at the top level")
         data = {k: _yaml_number(v) for k, v in data.items()}
@@ -270,6 +278,14 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def _yaml_problem(e: Exception) -> str:
+    """What a YAML parser tripped over and where, without the snippet of the text it quotes (a file's
+    content has no place in an error a page may show)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or getattr(e, 'reason', None) or type(e).__name__}{where}"
+
+
 def _yaml_number(value: Any) -> Any:
     """YAML 1.1 reads ``3e-4`` as a string; turn such number-looking strings into floats."""
     if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
@@ -283,7 +299,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError(f"--set: got {text!r}; allowed: key=value, e.g. lr=3e-4")
     key, _, raw = text.partition("=")
     key = key.strip()
-    value = _yaml_number(yaml.safe_load(raw)) if raw.strip() else None
+    try:
+        value = _yaml_number(yaml.safe_load(raw)) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {text!r}: the value is not YAML ({_yaml_problem(e)}); allowed: a YAML value, "
+                         f"e.g. lr=3e-4, max_steps=null, milestones=[10,20]") from None
     if "." in key:  # model_options.depth=12
         outer, _, inner = key.partition(".")
         return outer, {inner: value}

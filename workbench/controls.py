@@ -72,14 +72,17 @@ def _apply_precision(tr: Any, value: str) -> None:
     tr.scaler.use(value)  # a GradScaler for fp16 only
 
 
+def _apply_lr(tr: Any, value: float) -> None:
+    tr.lr_control.set_base(value)  # every param group in proportion; a user's scheduler rescaled (workbench.optim)
+
+
 def _apply_weight_decay(tr: Any, value: float) -> None:
-    for group in tr.optimizer.param_groups:
-        group["weight_decay"] = value
+    tr.lr_control.set_weight_decay(value)  # groups made without decay beside decaying ones stay at 0
 
 
 CONTROLS: tuple[ControlSpec, ...] = (
     ControlSpec("lr", "Learning rate (base)", "number", "The base (peak) learning rate; the schedule multiplies it",
-                _check_lr),
+                _check_lr, _apply_lr),
     ControlSpec("batch_size", "Batch size", "integer", "Samples per micro-batch; every sample is still seen once "
                                                        "per epoch", _check_batch_size),
     ControlSpec("accumulate", "Accumulate", "integer", "Micro-batches per optimizer step", _check_accumulate),

@@ -204,7 +204,12 @@ def _load_csv(path_text: str, target: Any, task: Any) -> _Raw:
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"dataset: csv file not found: {str(path)!r}")
-    frame = pd.read_csv(path)
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"dataset: csv file {str(path)!r} cannot be read as CSV ({first}); allowed: a text file "
+                         f"of comma-separated columns with a header row") from None
     if frame.shape[1] < 2:
         raise ValueError(
             f"dataset: csv file {str(path)!r} has {frame.shape[1]} column(s); "
@@ -240,7 +245,7 @@ def _load_csv(path_text: str, target: Any, task: Any) -> _Raw:
             )
     if task == "regression" and not numeric_target:
         raise ValueError(
-            f"task: 'regression' needs a numeric target, but column {target!r} holds "
+            f"task: 'regression' needs a numeric target, but column {target!r} of {str(path)!r} holds "
             f"{y_col.dtype} values like {y_col.iloc[0]!r}; allowed: task='classification' or 'auto'"
         )
 
@@ -250,7 +255,11 @@ def _load_csv(path_text: str, target: Any, task: Any) -> _Raw:
     ]
     if categorical:
         features = pd.get_dummies(features, columns=categorical, dtype=np.float64)
-    x = features.to_numpy(dtype=np.float64)
+    try:
+        x = features.to_numpy(dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"dataset: csv file {str(path)!r} has feature values that are not numbers ({e}); "
+                         f"allowed: numeric or categorical columns") from None
     feature_names = [str(c) for c in features.columns]
 
     if task == "classification":
@@ -259,7 +268,7 @@ def _load_csv(path_text: str, target: Any, task: Any) -> _Raw:
         class_names = [_label_value_name(v) for v in uniques]
         if len(class_names) < 2:
             raise ValueError(
-                f"target: column {target!r} has a single class {class_names[0]!r}; "
+                f"target: column {target!r} in {str(path)!r} has a single class {class_names[0]!r}; "
                 "classification needs at least 2 classes"
             )
     else:

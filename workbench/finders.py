@@ -8,13 +8,13 @@ finder while paused continues bit-identically to one that never did.
 
 * ``lr_find``: Smith's LR range test ("Cyclical Learning Rates for Training Neural Networks", 2017) as
   popularised by fastai: an exponential LR sweep, one optimizer step per LR, an EMA-smoothed loss, stop
-  at divergence; the suggestion is fastai's "valley" rule with a steepest-descent fallback.
+  at divergence; the suggestion is fastai's "valley" rule, capped at a tenth of the LR at the minimum
+  (Smith's rule), with a steepest-descent fallback.
 * ``find_batch_size``: double the batch while one step fits (no out-of-memory error, and the step's
   memory within a budget), halving on an OOM like accelerate's ``find_executable_batch_size``.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import gc
 import math
@@ -25,11 +25,14 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import RNGState
 from .config import check_int, check_number
 from .requests import check_source
-from .sampler import BatchFetcher
+from .batches import StepContract, tensors_in, to_device
+from . import cputhreads
+from .optim import copy_training
 from .step import AMP_DTYPES, train_step
 
 
@@ -43,12 +46,12 @@ class Trainer(Protocol):
     is_stepping: bool
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    loss_fn: Callable
+    contract: Any
+    source: Any
     train_data: Any
     device: torch.device
     controls: Any
     cfg: Any
-    fetcher: BatchFetcher
 
     def log_event(self, kind: str, source: str, data: Any = None, step: int | None = None) -> None: ...
 DEFAULT_BUDGET_FRACTION = 0.25   # of the available RAM, for find_batch_size on CPU
@@ -67,28 +70,57 @@ def _check_not_running(trainer: "Trainer", what: str) -> None:
 
 def _copy_training_objects(trainer: "Trainer") -> tuple[torch.nn.Module, torch.optim.Optimizer,
                                                         list[torch.nn.Parameter]]:
-    """A deep copy of the model and a fresh optimizer of the same class, hyper-parameters and state.
-
-    The optimizer's state dict is deep-copied before loading: ``load_state_dict`` keeps references to the
-    tensors it is given (same device and dtype), so an in-place Adam update would write into the real moments.
-    """
-    model = copy.deepcopy(trainer.model)
-    twin = dict(zip((id(p) for p in trainer.model.parameters()), model.parameters()))
-    real = trainer.optimizer
-    groups = []
-    for group in real.param_groups:
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": [twin[id(p)] for p in group["params"]]})
-    optimizer = type(real)(groups)
-    optimizer.load_state_dict(copy.deepcopy(real.state_dict()))
+    """Copies of the model and of its optimizer with the same class, groups, hyper-parameters and state."""
+    model, optimizer, _ = copy_training(trainer.model, trainer.optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     return model, optimizer, params
 
 
-def _fetcher(trainer: "Trainer") -> BatchFetcher:
-    """The run's fetcher (stateless, already on the device) or a new one over the training set."""
-    fetch = getattr(trainer, "fetcher", None)
-    return fetch if isinstance(fetch, BatchFetcher) else BatchFetcher(trainer.train_data, trainer.device)
+class _Batches:
+    """Training batches for a finder, never from the run's own sampler or loader: a map-style Dataset's
+    samples drawn by a private generator (any batch size), or a fresh pass over a loader's data set in the
+    loader's own batch size (a stream moves on; a finder's batches are its own)."""
+
+    def __init__(self, trainer: "Trainer", seed: int) -> None:
+        src = trainer.source
+        self.fetcher = getattr(src, "fetcher", None)
+        self.fixed = None if self.fetcher is not None else src.batch_size_fixed
+        if self.fetcher is not None:
+            self.stream = _IndexStream(len(self.fetcher), seed)
+        else:
+            loader = src.loader
+            data = loader.dataset
+            self.loader = DataLoader(data, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                                     shuffle=not isinstance(data, IterableDataset),
+                                     generator=torch.Generator().manual_seed(seed))
+            self.batch_size = loader.batch_size
+            self._it = iter(self.loader)
+        self.device = trainer.device
+
+    def check(self, batch_size: int, what: str) -> None:
+        if self.fixed is not None and batch_size != self.batch_size:
+            raise ValueError(f"{what}: got batch_size {batch_size}, but {self.fixed}; allowed: "
+                             f"{self.batch_size}")
+
+    def take(self, k: int) -> Any:
+        if self.fetcher is not None:
+            return self.fetcher.fetch(self.stream.take(k))
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        return to_device(batch, self.device, self.device.type == "cuda")
+
+
+def _use_trainer_threads(trainer: "Trainer", batch_size: int) -> int:
+    """On a CPU, run the finder with the intra-op thread count the run's loop would choose for this batch
+    size (workbench.cputhreads); returns the caller's count, to be set back."""
+    before = torch.get_num_threads()
+    if trainer.device.type == "cpu":
+        n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        torch.set_num_threads(cputhreads.choose_threads(trainer.cfg.cpu_threads, n_params, batch_size, before)[0])
+    return before
 
 
 def _generator_seed(trainer: "Trainer", seed: int | None) -> int:
@@ -204,9 +236,14 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, st
 
     The valley rule (``valley_index``) is preferred: it reads the whole descent rather than one noisy
     derivative and lands between "too small to move" and "about to diverge" (fastai made its valley rule
-    the default in 2021 for that reason). Steepest descent (``steepest_index``) is the fallback when the
-    curve has no valley of at least 5 points; the last resort, on a sweep too short for either (e.g. one
-    that diverged at once), is a tenth of the LR at the minimum loss (Smith's rule of thumb).
+    the default in 2021 for that reason) — but never above a tenth of the LR at the minimum loss (Smith's
+    rule of thumb), which then is the suggestion ("min/10"). The cap matters for adaptive optimizers: a
+    sweep of one step per LR reads how fast the loss falls in the first hundred steps, and Adam's early
+    descent is steepest close to the LR where longer training turns unstable (digits MLP, Adam, 300 steps:
+    the valley's 1.5e-2 to 1.8e-2 ends at val loss 0.15-0.36, a tenth of the minimum's LR, 5e-3 to 8e-3,
+    at 0.07-0.12, the best of an 8-point grid give or take 10%). Steepest descent (``steepest_index``) is
+    the fallback when the curve has no valley of at least 5 points; the last resort, on a sweep too short
+    for either (e.g. one that diverged at once), is min/10 again.
     """
     if not lrs:
         raise ValueError("lr_find: got an empty curve (0 points); allowed: at least 1 point")
@@ -214,11 +251,12 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float, st
     s = steepest_index(lrs, losses)
     valley = float(lrs[v[0]]) if v is not None else None
     steepest = float(lrs[s]) if s is not None else None
+    bound = float(lrs[int(np.argmin(losses))]) / 10.0
     if valley is not None:
-        return valley, "valley", steepest, valley
+        return (valley, "valley", steepest, valley) if valley <= bound else (bound, "min/10", steepest, valley)
     if steepest is not None:
         return steepest, "steepest", steepest, valley
-    return float(lrs[int(np.argmin(losses))]) / 10.0, "min/10", steepest, valley
+    return bound, "min/10", steepest, valley
 
 
 def lr_find(trainer: "Trainer", *, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
@@ -244,12 +282,15 @@ def lr_find(trainer: "Trainer", *, start_lr: float = 1e-7, end_lr: float = 10.0,
     if smooth >= 1.0:
         raise ValueError(f"smooth: got {smooth!r}; allowed: a number >= 0 and < 1 (the EMA's beta)")
     diverge_factor = check_number("diverge_factor", diverge_factor, minimum=1.0, allow_none=True)
-    n = len(trainer.train_data)
     c = trainer.controls
-    batch_size = check_int("batch_size", c.batch_size if batch_size is None else batch_size, minimum=1, maximum=n)
+    batch_size = check_int("batch_size", c.batch_size if batch_size is None else batch_size, minimum=1,
+                           maximum=getattr(trainer.facts, "n_train", None))
+    batches = _Batches(trainer, _generator_seed(trainer, seed))
+    batches.check(batch_size, "lr_find")
 
     rng = RNGState()
     saved_rng = rng.state_dict()
+    threads = _use_trainer_threads(trainer, batch_size)
     lrs: list[float] = []
     raw: list[float] = []
     smoothed: list[float] = []
@@ -257,8 +298,6 @@ def lr_find(trainer: "Trainer", *, start_lr: float = 1e-7, end_lr: float = 10.0,
     try:
         model, optimizer, params = _copy_training_objects(trainer)
         model.train(trainer.model.training)
-        fetch = _fetcher(trainer)
-        stream = _IndexStream(n, _generator_seed(trainer, seed))
         scaler = torch.amp.GradScaler(trainer.device.type, enabled=c.precision == "fp16")
         ratio = end_lr / start_lr
         avg, best = 0.0, math.inf
@@ -266,8 +305,8 @@ def lr_find(trainer: "Trainer", *, start_lr: float = 1e-7, end_lr: float = 10.0,
             lr = start_lr * ratio ** (i / (num_steps - 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [fetch.fetch(stream.take(batch_size)) for _ in range(c.accumulate)]
-            result = train_step(model, optimizer, trainer.loss_fn, micro, params=params,
+            micro = [batches.take(batch_size) for _ in range(c.accumulate)]
+            result = train_step(model, optimizer, trainer.contract, micro, params=params,
                                 device_type=trainer.device.type, amp_dtype=AMP_DTYPES[c.precision],
                                 scaler=scaler, grad_clip=c.grad_clip)
             loss = float(result.loss)
@@ -286,6 +325,7 @@ def lr_find(trainer: "Trainer", *, start_lr: float = 1e-7, end_lr: float = 10.0,
         del model, optimizer, params
     finally:
         rng.load_state_dict(saved_rng)
+        torch.set_num_threads(threads)
     if not lrs:
         raise RuntimeError(f"lr_find: the loss was not finite at the first step (lr {start_lr:g}); allowed: a "
                            f"start_lr small enough to train, and a model/loss that give a finite loss")
@@ -411,11 +451,12 @@ class StepMemory:
         return self.params + self.grads + self.optimizer_state + self.batch + self.activations
 
 
-def measure_step_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                        batch: tuple[Any, Any], *, params: list[torch.nn.Parameter], device_type: str,
+def measure_step_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer, contract: Any,
+                        batch: Any, *, params: list[torch.nn.Parameter], device_type: str,
                         amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler,
                         grad_clip: float | None) -> StepMemory:
-    """Run one real training step on ``batch`` and account for the memory it holds at its peak.
+    """Run one real training step on ``batch`` and account for the memory it holds at its peak. ``contract``:
+    the run's StepContract (workbench.batches), or a ``loss_fn`` for an ``(input, target)`` batch.
 
     Activations are what autograd saves for the backward pass, counted in a ``saved_tensors_hooks``
     pack hook (each storage once; parameters and the batch are counted separately). At the end of the
@@ -426,15 +467,15 @@ def measure_step_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     nor testable; this account is deterministic and linear in the batch size. It ignores short-lived
     per-op workspace, so keep a margin in the budget.
     """
-    x, y = batch
+    if not isinstance(contract, StepContract):   # a loss_fn for (input, target) batches
+        contract = StepContract(loss_fn=contract)
     seen: set[int] = set()
     for p in model.parameters():
         seen.add(p.untyped_storage().data_ptr())
     batch_bytes = 0
-    for t in (x, y):
-        if isinstance(t, torch.Tensor):
-            batch_bytes += _tensor_bytes(t)
-            seen.add(t.untyped_storage().data_ptr())
+    for t in tensors_in(batch):
+        batch_bytes += _tensor_bytes(t)
+        seen.add(t.untyped_storage().data_ptr())
     saved = [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -445,7 +486,7 @@ def measure_step_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train_step(model, optimizer, loss_fn, [(x, y)], params=params, device_type=device_type,
+        train_step(model, optimizer, contract, [batch], params=params, device_type=device_type,
                    amp_dtype=amp_dtype, scaler=scaler, grad_clip=grad_clip)
     param_bytes = sum(_tensor_bytes(p) for p in model.parameters())
     grad_bytes = sum(_tensor_bytes(p) for p in params)
@@ -470,6 +511,9 @@ def find_batch_size(trainer: "Trainer", *, start: int | None = None, max_batch: 
     """
     source = check_source(source)
     _check_not_running(trainer, "find_batch_size")
+    if trainer.source.batch_size_fixed:
+        raise ValueError(f"find_batch_size: {trainer.source.batch_size_fixed}; allowed: a run on a map-style "
+                         f"Dataset (set the batch size on the DataLoader yourself)")
     n = len(trainer.train_data)
     max_batch = check_int("max_batch", n if max_batch is None else max_batch, minimum=1, maximum=n)
     start = check_int("start", trainer.controls.batch_size if start is None else start, minimum=1)
@@ -486,12 +530,13 @@ def find_batch_size(trainer: "Trainer", *, start: int | None = None, max_batch: 
     c = trainer.controls
     rng = RNGState()
     saved_rng = rng.state_dict()
+    threads = _use_trainer_threads(trainer, start)
     tried: list[dict[str, Any]] = []
     best: int | None = None
     try:
         model, optimizer, params = _copy_training_objects(trainer)
         model.train(trainer.model.training)
-        fetch = _fetcher(trainer)
+        fetch = trainer.source.fetcher
         gen = torch.Generator().manual_seed(_generator_seed(trainer, seed))
         scaler = torch.amp.GradScaler(trainer.device.type, enabled=c.precision == "fp16")
         size = start
@@ -499,7 +544,7 @@ def find_batch_size(trainer: "Trainer", *, start: int | None = None, max_batch: 
             fits, used, why = True, None, ""
             try:
                 batch = fetch.fetch(torch.randperm(n, generator=gen)[:size])
-                mem = measure_step_memory(model, optimizer, trainer.loss_fn, batch, params=params,
+                mem = measure_step_memory(model, optimizer, trainer.contract, batch, params=params,
                                           device_type=trainer.device.type, amp_dtype=AMP_DTYPES[c.precision],
                                           scaler=scaler, grad_clip=c.grad_clip)
                 used = mem.total
@@ -530,6 +575,7 @@ def find_batch_size(trainer: "Trainer", *, start: int | None = None, max_batch: 
             _release_memory()   # hand the copies' cached blocks back before the run continues
     finally:
         rng.load_state_dict(saved_rng)
+        torch.set_num_threads(threads)
     if best is None:
         last = tried[-1]
         need = "" if last["bytes"] is None else f"; allowed: a memory_budget_mb above {last['bytes'] / 2**20:.4f}"

@@ -45,7 +45,13 @@ class RunHandle(Protocol):
     def snapshot(self) -> dict[str, Any]: ...
     def series(self, y: str, n_out: int = 2000) -> tuple[np.ndarray, np.ndarray]: ...
     @property
+    def history(self) -> pd.DataFrame: ...
+    @property
     def evals(self) -> pd.DataFrame: ...
+    @property
+    def eval_names(self) -> list[str]: ...
+    @property
+    def fixed_controls(self) -> dict[str, str]: ...
     @property
     def layer_history(self) -> pd.DataFrame: ...
     @property
@@ -107,8 +113,20 @@ class LocalRun:
         return self.trainer.series(y, n_out)
 
     @property
+    def history(self) -> pd.DataFrame:
+        return self.trainer.history
+
+    @property
     def evals(self) -> pd.DataFrame:
         return self.trainer.evals
+
+    @property
+    def eval_names(self) -> list[str]:
+        return self.trainer.eval_names
+
+    @property
+    def fixed_controls(self) -> dict[str, str]:
+        return self.trainer.fixed_controls
 
     @property
     def layer_history(self) -> pd.DataFrame:

@@ -4,9 +4,10 @@
 ``boundary`` applies the queued requests (workbench.requests) and waits while the run is paused. One turn,
 in causal order, is ``Loop.turn``:
 
-    lr        the schedule's learning rate for this step
-    batches   the step's micro-batches from the resumable sampler, on the device
-    step      workbench.step.train_step: forward/backward, unscale, grad norm, clip, step, zero
+    lr        every param group's learning rate for this step (workbench.optim)
+    batches   the step's micro-batches from the data source (workbench.loaders), on the device
+    step      workbench.step.train_step: forward/backward, unscale, grad norm, clip, step, zero; the
+              user's LR scheduler steps after it
     record    the step's values queued on the device; read back every ``sync_every`` steps
     evaluate  every ``eval_every`` steps: val loss/acc, plateau schedule, early stopping, best checkpoint
     save      every ``checkpoint_every`` steps (copied on this thread, written by another)
@@ -31,6 +32,7 @@ from .controls import CONTROL_NAMES, CONTROLS, SPECS, same_value
 from .hooks import HookContext, frozen
 from .requests import ACTIONS, ENDED, SOURCES, Request, RequestQueue, make_request
 from .runlog import PRECISION_CODES
+from .loaders import eval_batches
 from .step import AMP_DTYPES, evaluate, train_step
 
 
@@ -47,6 +49,8 @@ class Loop:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.traceback: str | None = None
+        self.failed_in = ""                # where the user's code raised: "step N" or "the evaluation after step N"
+        self._evaluating = False
         self.default_threads: int | None = None   # the intra-op count of the thread that started the run
         self.steps_allowed, self._step_requests = 0, []
         self._stop: Request | None = None
@@ -64,7 +68,7 @@ class Loop:
             self.choose_threads(log=True)
         reason, source = "finished", "api"
         try:
-            tr.watch.preflight(tr.train_data, tr.val_data, tr.task)
+            tr.watch.preflight(tr.source.dataset, tr.val_data if tr.val_fetcher is not None else None, tr.task)
             while self.boundary():
                 if self.done() or self.turn():
                     break
@@ -72,7 +76,7 @@ class Loop:
                 reason, source = "stopped", self._stop.source
             tr.runlog.flush()
             last_eval = tr.runlog.evals_store.last()
-            if reason == "finished" and tr.val_fetcher is not None and last_eval is not None \
+            if reason == "finished" and tr.val_data is not None and last_eval is not None \
                     and int(last_eval["step"]) != self.step_count:
                 self.evaluate()
             tr.checkpointer.save(tag=None, reason=reason, source=source)
@@ -81,30 +85,39 @@ class Loop:
                 self._stop.resolve("applied", self.step_count)
         except BaseException as e:  # noqa: BLE001 - user code may raise anything; it ends the run as failed
             self.error, self.traceback, reason = e, traceback.format_exc(), "failed"
+            self.failed_in = (f"the evaluation after step {self.step_count}" if self._evaluating
+                              else f"step {self.step_count + 1}")
             self.log_event("error", "trainer", {"error": f"{type(e).__name__}: {e}", "traceback": self.traceback})
         finally:
             self._wind_down(reason)
+            if tr.dist:
+                tr.dist.end(tr.run_dir)
 
     def turn(self) -> bool:
         """One training turn, in causal order; True when the run should finish now."""
         tr = self.tr
         cfg, c, log = tr.cfg, tr.controls, tr.runlog
-        lr = c.lr * tr.schedule.factor(self.step_count)                # lr
-        for group in tr.optimizer.param_groups:
-            group["lr"] = lr
-        epoch = tr.epoch
+        lr = tr.lr_control.before_step(self.step_count, c.lr)          # lr
+        epoch, src = tr.epoch, tr.source
         micro, ids = [], []                                             # batches
         for _ in range(c.accumulate):
-            idx = tr.sampler.next_indices(c.batch_size)
-            ids.append(idx)
-            micro.append(tr.fetcher.fetch(idx))
-            if tr.sampler.epoch_done:
+            got = src.next(c.batch_size)
+            if got is None:
+                break  # a loader's last epoch is over
+            micro.append(got[0])
+            ids.append(got[1])
+            if src.epoch_done:
                 break  # one optimizer step never crosses an epoch boundary
+        if not micro:
+            return True
         stats = cfg.layer_every > 0 and (self.step_count + 1) % cfg.layer_every == 0
-        result = train_step(tr.model, tr.optimizer, tr.loss_fn, micro, params=tr.params,  # step
+        result = train_step(tr.train_model, tr.optimizer, tr.contract, micro, params=tr.params,  # step
                             device_type=tr.device.type, amp_dtype=AMP_DTYPES[c.precision],
                             scaler=tr.scaler.scaler, grad_clip=c.grad_clip, layer_stats=stats,
                             scratch=self._layer_scratch)
+        tr.lr_control.after_step()
+        if tr.dist:  # the log, the detectors and the policy read the mean over ranks, the same on every rank
+            result.loss, result.samples = tr.dist.mean(result.loss), result.samples * tr.dist.world
         self.step_count = step = self.step_count + 1
         now = time.perf_counter()                                       # record
         sps = result.samples / (now - self._last_time) if self._last_time is not None else math.nan
@@ -117,14 +130,14 @@ class Loop:
         if queued >= self._sync_every:
             log.flush()
         if tr.hooks.has("step_end"):
-            sample_ids = tuple(torch.cat(ids).tolist())
+            sample_ids = tuple(torch.cat(ids).tolist()) if ids[0] is not None else None
             log.flush()
             tr.hooks.fire("step_end", lambda: self.context("step_end", log.steps.last() or {}, sample_ids=sample_ids))
         self._count_requested_steps(step)
         tr.watch.tick(step)
         finish = busy = False
-        if tr.val_fetcher is not None and ((cfg.eval_every and step % cfg.eval_every == 0)  # evaluate
-                                           or (not cfg.eval_every and tr.sampler.epoch_done)):
+        if tr.val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0)  # evaluate
+                                        or (not cfg.eval_every and src.epoch_done)):
             finish, busy = self.evaluate(), True
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:  # save
             tr.checkpointer.save(tag=None, reason="periodic", source="trainer",
@@ -140,16 +153,17 @@ class Loop:
         """Run validation; update plateau schedule, early stopping, best-k. True when patience ran out."""
         tr = self.tr
         tr.runlog.flush()
-        fetch, bs = tr.val_fetcher, tr.cfg.eval_batch_size
-        n = len(fetch)
-        batches = (fetch.fetch(torch.arange(i, min(i + bs, n))) for i in range(0, n, bs))
-        loss_t, acc_t = evaluate(tr.model, tr.loss_fn, batches, device_type=tr.device.type,
-                                 amp_dtype=AMP_DTYPES[tr.controls.precision],
-                                 classification=tr.task == "classification")
-        tr.runlog.record_eval(self.step_count, float(loss_t), float(acc_t) if acc_t is not None else math.nan)
+        self._evaluating = True  # left set if the user's code raises: the failure is named as the evaluation's
+        batches = eval_batches(tr.val_data, tr.device, tr.cfg.eval_batch_size, tr.collate_fn, tr.val_fetcher)
+        loss, acc, extra = evaluate(tr.model, tr.contract, batches, tr.eval_metrics, device=tr.device,
+                                    amp_dtype=AMP_DTYPES[tr.controls.precision])
+        self._evaluating = False
+        tr.runlog.record_eval(self.step_count, loss, acc, extra)
+        tr.eval_metrics.check_measured(tr.cfg.monitor, tr.last_eval)
         metric = tr.last_eval.get(tr.cfg.monitor, math.nan)
-        if tr.schedule.observe(metric):
-            self.log_event("schedule", "trainer", {"plateau_scale": tr.schedule.plateau_scale})
+        changed = tr.lr_control.observe(metric)
+        if changed:
+            self.log_event("schedule", "trainer", changed)
         early = tr.early_stopping
         improved = early.improved(metric)
         patience_out = early.update(metric, self.step_count)
@@ -164,7 +178,7 @@ class Loop:
         return patience_out
 
     def done(self) -> bool:
-        cfg, sampler = self.tr.cfg, self.tr.sampler
+        cfg, sampler = self.tr.cfg, self.tr.source
         if cfg.max_steps is not None and self.step_count >= cfg.max_steps:
             return True
         return cfg.max_epochs is not None and sampler.epoch_done and sampler.epoch + 1 >= cfg.max_epochs
@@ -190,8 +204,10 @@ class Loop:
     def boundary(self) -> bool:
         """Apply queued requests; block while paused. False when the run must stop."""
         while True:
-            while self.requests:
-                self._apply(self.requests.pop())
+            self.tr.checkpointer.check()  # a save the disk could not take ends the run (raised here: failed)
+            self.tr.runlog.recorder.check()
+            for req in self._boundary_requests():
+                self._apply(req)
             if self._stop is not None:
                 return False
             if not self.paused or self.steps_allowed > 0:
@@ -201,6 +217,14 @@ class Loop:
             if self.tr.device.type == "cpu":
                 cputhreads.release_idle_workers()  # idle: leave the cores to the thread that steers us
             self.requests.wait(0.2)
+
+    def _boundary_requests(self) -> list[Request]:
+        """The requests this boundary applies: the queue's; under torchrun, rank 0's on every rank."""
+        reqs = []
+        while self.requests:
+            reqs.append(self.requests.pop())
+        dist = self.tr.dist
+        return dist.share(reqs, lambda r, why: r.resolve("refused", self.step_count, why)) if dist else reqs
 
     def _apply(self, req: Request) -> None:
         """The one place where requests take effect (trainer thread, between steps)."""
@@ -303,12 +327,13 @@ class Loop:
     # ================================================================= helpers
     def _wind_down(self, reason: str) -> None:
         tr = self.tr
-        try:
-            tr.checkpointer.wait()
-            tr.checkpointer.writer.close()  # the host buffers kept for the next save
-            tr.runlog.flush()
-        except BaseException:  # noqa: BLE001 - already failing; keep the first error
-            pass
+        if reason == "failed":
+            tr.run_lock.free_reserve()  # room for the run's last rows and status if the disk is full
+        for wind in (tr.checkpointer.wait, tr.checkpointer.writer.close, tr.runlog.flush):  # close: the kept buffers
+            try:
+                wind()
+            except BaseException:  # noqa: BLE001 - already failing; keep the first error
+                pass
         why = f"the run ended ({reason})"
         self.requests.refuse_all(self.step_count, why)
         for r in self._step_requests:
@@ -316,7 +341,13 @@ class Loop:
         if tr.device.type == "cpu" and self.default_threads:
             torch.set_num_threads(self.default_threads)  # threads started later begin with this count
         self.set_status(reason, "trainer")
-        tr.runlog.recorder.close()
+        try:
+            tr.runlog.recorder.close()
+        except Exception as e:  # noqa: BLE001 - the disk refuses even the last rows: say so, end anyway
+            warnings.warn(f"{tr.run_dir}: the run's last records could not be written ({type(e).__name__}: {e})",
+                          stacklevel=1)
+        finally:
+            tr.run_lock.release()
 
     def hand_over(self) -> None:
         """Before the trainer thread runs torch work, the calling thread gives back its idle OpenMP

@@ -88,6 +88,7 @@ class RunFacts:
     n_train: int | None = None
     device: "torch.device | None" = None
     find_alert: Callable[[int], Any] | None = None
+    fixed: str | None = None          # why the batch size cannot change (data the workbench does not sample)
 
 
 # ---------------------------------------------------------------------------- checking (caller's thread)
@@ -98,6 +99,8 @@ def _no_args(facts: RunFacts, args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_set(facts: RunFacts, args: Mapping[str, Any]) -> dict[str, Any]:
+    if facts.fixed and isinstance(args, Mapping) and "batch_size" in args:
+        raise ValueError(f"batch_size: cannot change in this run: {facts.fixed}")
     return validate_controls(args, n_train=facts.n_train, device=facts.device)
 
 
@@ -256,12 +259,20 @@ ACTIONS: dict[str, Action] = {a.name: a for a in [
 
 def make_request(action: str, args: Mapping[str, Any] | None, facts: RunFacts, source: str = "api") -> Request:
     """A checked request (not yet queued); bad input raises ValueError/TypeError naming what is allowed."""
-    row = ACTIONS.get(action)
+    row = ACTIONS.get(action) if isinstance(action, str) else None
     if row is None:
-        raise ValueError(f"action: got {action!r}; allowed: {', '.join(ACTIONS)}")
+        raise ValueError(f"action: got {action!r:.200}; allowed: {', '.join(ACTIONS)}")
     if args is not None and not isinstance(args, Mapping):
-        raise TypeError(f"{action}: arguments must be a mapping, got {args!r:.200}")
-    return Request(action, row.check(facts, dict(args or {})), check_source(source))
+        raise TypeError(f"{action}: arguments must be a mapping of name -> value (a JSON object), got "
+                        f"{type(args).__name__} {args!r:.200}")
+    try:
+        checked = row.check(facts, dict(args or {}))
+    except (ValueError, TypeError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a check trips over, the caller gets a refusal it can read
+        raise ValueError(f"{action}: arguments {dict(args or {})!r:.200} cannot be used ({type(e).__name__}: "
+                         f"{e})") from None
+    return Request(action, checked, check_source(source))
 
 
 class RequestQueue:

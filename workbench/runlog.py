@@ -8,6 +8,7 @@ loss and grad norm stay on the device until :meth:`RunLog.flush` reads a batch o
 """
 from __future__ import annotations
 
+import datetime as _dt
 import math
 import threading
 import time
@@ -22,6 +23,12 @@ from .recorder import Recorder
 from .rundir import RunDB
 
 PRECISION_CODES = {"fp32": 0, "bf16": 1, "fp16": 2}
+
+
+def wall_clock(seconds: pd.Series) -> pd.Series:
+    """Seconds since the epoch as timestamps in this machine's time zone (a table shows 2026-12-05 10:40:12,
+    not 1.796e+09)."""
+    return pd.to_datetime(seconds, unit="s", utc=True).dt.tz_convert(_dt.datetime.now().astimezone().tzinfo)
 PRECISION_NAMES = {v: k for k, v in PRECISION_CODES.items()}
 STEP_COLUMNS = ("step", "epoch", "train_loss", "lr", "batch_size", "precision", "grad_norm", "samples_per_s",
                 "time")
@@ -45,6 +52,7 @@ class RunLog:
         self.layers = SeriesStore(LAYER_COLUMNS)
         self.latest_layers: dict[str, Any] | None = None   # the newest layer statistics, for detectors
         self.last_eval: dict[str, float] = {}
+        self.extra_evals: dict[str, SeriesStore] = {}   # metrics beyond loss and accuracy, by name
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         self._pending: list[tuple] = []   # steps whose device values are not read back yet
@@ -109,11 +117,21 @@ class RunLog:
             self.recorder.layers.append({"step": step, "layer": name, "grad_norm": g, "param_norm": p,
                                          "update_ratio": ratio})
 
-    def record_eval(self, step: int, val_loss: float, val_acc: float) -> None:
+    def record_eval(self, step: int, val_loss: float, val_acc: float,
+                    extra: Mapping[str, float] | None = None) -> None:
+        """One evaluation: loss, accuracy (NaN: none) and the other metrics by name (workbench.evalmetrics)."""
         row = {"step": step, "val_loss": val_loss, "val_acc": val_acc, "time": time.time()}
         self.evals_store.append(row)
+        extra = dict(extra or {})
+        for name, value in extra.items():
+            store = self.extra_evals.get(name)
+            if store is None:
+                store = self.extra_evals[name] = SeriesStore(("step", "value"))
+            store.append({"step": step, "value": value})
         self.recorder.evals.append({**row, "val_acc": None if math.isnan(val_acc) else val_acc})
-        self.last_eval = {"step": step, "val_loss": val_loss, "val_acc": val_acc}
+        if extra:
+            self.recorder.eval_metrics.extend((step, k, None if math.isnan(v) else v) for k, v in extra.items())
+        self.last_eval = {"step": step, "val_loss": val_loss, "val_acc": val_acc, **extra}
 
     # ------------------------------------------------------------------ reading (any thread)
     def history(self) -> pd.DataFrame:
@@ -124,9 +142,19 @@ class RunLog:
         return df
 
     def evals(self) -> pd.DataFrame:
+        """step, val_loss, val_acc, time, then one column per other metric (NaN where an eval lacks it)."""
         df = self.evals_store.frame()
         df["step"] = df["step"].astype("int64")
+        df["time"] = wall_clock(df["time"])
+        for name, store in list(self.extra_evals.items()):
+            col = store.frame()
+            df[name] = df["step"].map(dict(zip(col["step"].astype("int64"), col["value"]))).astype(float)
         return df
+
+    @property
+    def eval_names(self) -> list[str]:
+        """Every metric an evaluation has recorded (val_loss, val_acc, then the others in order seen)."""
+        return ["val_loss", "val_acc", *self.extra_evals]
 
     def layer_history(self) -> pd.DataFrame:
         df = self.layers.frame()
@@ -151,6 +179,8 @@ class RunLog:
             return self._events[start:]
 
     def series(self, y: str, n_out: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+        if y in self.extra_evals:
+            return self.extra_evals[y].series("value", "step", n_out)
         store = self.evals_store if y in EVAL_COLUMNS else self.steps
         return store.series(y, "step", n_out)
 
@@ -171,6 +201,13 @@ class RunLog:
             last = evals.iloc[-1]
             self.last_eval = {"step": int(last["step"]), "val_loss": float(last["val_loss"]),
                               "val_acc": float(last["val_acc"]) if pd.notna(last["val_acc"]) else float("nan")}
+        extra = db.read_eval_metrics()
+        for name in extra.columns.drop("step"):
+            col = extra[["step", name]].dropna()
+            self.extra_evals[name] = store = SeriesStore(("step", "value"))
+            store.extend({"step": col["step"].to_numpy(float), "value": col[name].to_numpy(float)})
+            if self.last_eval and len(col) and int(col["step"].iloc[-1]) == self.last_eval["step"]:
+                self.last_eval[name] = float(col[name].iloc[-1])
         layers = db.read_layers()
         if not layers.empty:
             index = {n: i for i, n in enumerate(self.param_names)}

@@ -19,9 +19,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .chartdata import RATE_COLUMNS, RATE_TAIL, samples_per_s
 from .diagnosis.alert import health_of
 from .metrics import SeriesStore, downsample
 from .requests import ENDED, RunFacts, make_request
+from .runlog import wall_clock
+from . import cost
 from .rundir import DB_NAME, RunDB
 
 STEP_SERIES = ("step", "epoch", "train_loss", "lr", "batch_size", "grad_norm", "samples_per_s")
@@ -110,9 +113,25 @@ class RunView:
 
     @property
     def evals(self) -> pd.DataFrame:
+        """step, val_loss, val_acc, time, then one column per other metric (as ``Trainer.evals``)."""
         with self._lock:
             self._pull_evals()
-            return self._evals
+            df = self._evals.copy()
+            extra = self._db.read_eval_metrics()
+        if len(extra.columns) > 1:
+            df = df.merge(extra, on="step", how="left")
+        df["time"] = wall_clock(df["time"])
+        return df
+
+    @property
+    def fixed_controls(self) -> dict[str, str]:
+        """Controls this run cannot change, with the reason (as ``Trainer.fixed_controls``)."""
+        return dict(self.meta.get("fixed_controls") or {})
+
+    @property
+    def eval_names(self) -> list[str]:
+        """Every metric the run's evaluations record (val_loss, val_acc, then the others)."""
+        return [c for c in self.evals.columns if c.startswith("val_")]
 
     @property
     def layer_history(self) -> pd.DataFrame:
@@ -136,9 +155,8 @@ class RunView:
         return alerts_in(self.events)
 
     def alert_list(self) -> list[dict[str, Any]]:
-        """Every alert, newest first, each with ``open`` (not dismissed: the event log does not say when an
-        episode ended)."""
-        return newest_first(dict(a, open=not a["dismissed"]) for a in self.alerts)
+        """Every alert, newest first, each with ``open`` (not dismissed, and no ``alert_closed`` event yet)."""
+        return newest_first(dict(a, open=not a["dismissed"] and a.get("closed_step") is None) for a in self.alerts)
 
     def health(self) -> dict[str, Any]:
         """The run's health in one word (from its open alerts) and a one-line summary."""
@@ -148,9 +166,9 @@ class RunView:
 
     def series(self, y: str, n_out: int = 2000) -> tuple[np.ndarray, np.ndarray]:
         """Downsampled (step, value) of a step column or an eval column (val_loss, val_acc)."""
-        if y in ("val_loss", "val_acc"):
+        if y.startswith("val_"):
             ev = self.evals
-            return downsample(ev["step"].to_numpy(float), ev[y].to_numpy(float), n_out) if not ev.empty \
+            return downsample(ev["step"].to_numpy(float), ev[y].to_numpy(float), n_out) if y in ev and not ev.empty \
                 else (np.array([]), np.array([]))
         with self._lock:
             self._pull_steps()
@@ -162,15 +180,20 @@ class RunView:
             meta = self._pull_meta()
             self._pull_steps()
             last = self._steps.last() or {}
+            rate = samples_per_s(self._steps.tail(RATE_TAIL, RATE_COLUMNS), meta.get("status", "unknown"))
             ev = self.evals
         epoch = last.get("epoch", 0) or 0
-        last_eval = {} if ev.empty else {"step": int(ev["step"].iloc[-1]), "val_loss": float(ev["val_loss"].iloc[-1]),
-                                         "val_acc": float(ev["val_acc"].iloc[-1])}
+        c, world = meta.get("controls") or {}, int(meta.get("world_size", 1) or 1)
+        last_eval = {} if ev.empty else {"step": int(ev["step"].iloc[-1]),
+                                         **{c: float(ev[c].iloc[-1]) for c in ev.columns if c.startswith("val_")}}
         return {"status": meta.get("status", "unknown"), "step": int(last.get("step", 0) or 0),
                 "epoch": int(epoch) if math.isfinite(epoch) else 0,
-                "train_loss": last.get("train_loss"), "lr": last.get("lr"), "samples_per_s": last.get("samples_per_s"),
+                "train_loss": last.get("train_loss"), "lr": last.get("lr"), "samples_per_s": rate,
                 "total_steps": meta.get("total_steps"), "controls": meta.get("controls", {}),
-                "last_eval": last_eval, "run_dir": str(self.run_dir)}
+                "last_eval": last_eval, "run_dir": str(self.run_dir), "world_size": world,
+                **cost.projection(rate, int(last.get("step", 0) or 0), meta.get("total_steps"),
+                                  int(c.get("batch_size", 1) or 1) * int(c.get("accumulate", 1) or 1) * world,
+                                  meta.get("flops_per_sample"))}
 
     @property
     def lineage(self) -> dict[str, Any]:
@@ -186,7 +209,8 @@ class RunView:
         if meta.get("status") in ENDED:  # no trainer will ever pick the request up
             raise RuntimeError(f"the run has ended (status {meta['status']}); fork it from a checkpoint to continue "
                                f"with other controls")
-        req = make_request(action, args, RunFacts(n_train=meta.get("n_train")), source)
+        fixed = (meta.get("fixed_controls") or {}).get("batch_size")
+        req = make_request(action, args, RunFacts(n_train=meta.get("n_train"), fixed=fixed), source)
         with self._lock:
             if self._inbox_db is None:
                 self._inbox_db = RunDB(self.run_dir / DB_NAME)
@@ -223,11 +247,18 @@ class RunView:
 
 
 def alerts_in(events: pd.DataFrame) -> list[dict[str, Any]]:
-    """The alerts of an event log (as dicts), each ``dismissed`` when a later dismiss event names it."""
+    """The alerts of an event log (as dicts), each ``dismissed`` when a later dismiss event names it, with the
+    newest evidence of its ``alert_update`` events and the ``closed_step`` of its ``alert_closed`` one."""
     if events.empty:
         return []
     dismissed = {int(d.get("alert", -1)) for d in events.loc[events["kind"] == "dismiss", "data"]}
-    return [dict(d, dismissed=bool(d.get("dismissed")) or int(d.get("id", -1)) in dismissed)
+    later: dict[int, dict[str, Any]] = {}
+    for d in events.loc[events["kind"].isin(["alert_update", "alert_closed"]), "data"]:
+        later.setdefault(int(d.get("alert", -1)), {}).update(
+            {k: d[k] for k in ("severity", "message", "evidence", "last_step", "updates", "closed_step", "actions")
+             if k in d})
+    return [dict(d, **later.get(int(d.get("id", -1)), {}),
+                 dismissed=bool(d.get("dismissed")) or int(d.get("id", -1)) in dismissed)
             for d in events.loc[events["kind"] == "alert", "data"]]
 
 

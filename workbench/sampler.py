@@ -1,4 +1,4 @@
-"""The resumable sampler and the batch fetcher.
+"""The resumable sampler and the batch fetcher of a map-style Dataset.
 
 The sampler's position is counted in samples, not batches: the order of an epoch is a seeded
 permutation that does not depend on the batch size, so a batch-size change mid-epoch serves the
@@ -7,10 +7,12 @@ remaining samples in the new size (none seen twice, none skipped), and a checkpo
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from .batches import to_device
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -67,19 +69,21 @@ class EpochSampler:
 
 
 class BatchFetcher:
-    """Turns index tensors into (x, y) batches on the run's device.
+    """Turns index tensors into batches on the run's device.
 
     A ``TensorDataset`` is indexed in one batched gather (no per-sample collate), and moved to the device
-    once when it is small enough; any other map-style Dataset goes through ``default_collate``.
+    once when it is small enough; any other map-style Dataset goes through ``collate_fn`` (default:
+    torch's ``default_collate``), and the batch it makes, whatever its structure, is moved as a whole.
     """
 
     MAX_ON_DEVICE_BYTES = 2 * 1024**3
 
-    def __init__(self, dataset: Dataset, device: torch.device) -> None:
+    def __init__(self, dataset: Dataset, device: torch.device, collate_fn: Callable | None = None) -> None:
         self.dataset = dataset
         self.device = device
+        self.collate_fn = collate_fn or default_collate
         self.tensors: tuple[torch.Tensor, ...] | None = None
-        if isinstance(dataset, TensorDataset):
+        if isinstance(dataset, TensorDataset) and collate_fn is None:
             size = sum(t.numel() * t.element_size() for t in dataset.tensors)
             if device.type == "cpu" or size <= self.MAX_ON_DEVICE_BYTES:
                 self.tensors = tuple(t.to(device) for t in dataset.tensors)
@@ -92,7 +96,7 @@ class BatchFetcher:
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def fetch(self, idx: torch.Tensor) -> tuple[Any, Any]:
+    def fetch(self, idx: torch.Tensor) -> Any:
         """The batch for these indices (a CPU index tensor)."""
         if self._direct and idx.device == self.device:  # tensors on the device already: one gather each
             x, y = self.tensors
@@ -105,19 +109,13 @@ class BatchFetcher:
             batch = tuple(t[idx] for t in self.tensors)
             if batch[0].device != self.device:
                 batch = tuple(b.to(self.device, non_blocking=self._non_blocking) for b in batch)
-        else:
-            batch = default_collate([self.dataset[i] for i in idx.tolist()])
-            batch = _to_device(batch, self.device, self._non_blocking)
-        if len(batch) < 2:
-            raise ValueError("train_data: each item must be an (input, target) pair; got a single value")
-        return batch[0], batch[1]
-
-
-def _to_device(obj: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(o, device, non_blocking) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device, non_blocking) for k, v in obj.items()}
-    return obj
+            return batch
+        try:
+            batch = self.collate_fn([self.dataset[i] for i in idx.tolist()])
+        except RuntimeError as e:
+            if "stack expects each tensor to be equal size" in str(e):
+                raise ValueError(f"train_data: items of different lengths cannot be stacked into a batch ({e}); "
+                                 f"allowed: pass collate_fn= that pads them (e.g. with "
+                                 f"torch.nn.utils.rnn.pad_sequence)") from None
+            raise
+        return to_device(batch, self.device, self._non_blocking)

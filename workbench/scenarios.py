@@ -33,7 +33,17 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              "The loss shoots up and becomes NaN within a few dozen steps; the divergence alert pauses the run.",
              dict(_BASE, dataset="digits", model="mlp", optimizer="sgd", lr=3.0, momentum=0.9, max_steps=300,
                   max_epochs=None),
-             expect="divergence", within=100, also=("loss_spike", "exploding_gradients", "lr_too_high")),
+             # on some seeds the first steps kill the ReLUs before the loss turns NaN (lr_kills_relus' symptoms)
+             expect="divergence", within=100,
+             also=("loss_spike", "exploding_gradients", "lr_too_high", "dead_units", "underfitting", "plateau")),
+    Scenario("lr_kills_relus", "Learning rate too high (SGD): the first steps kill the ReLUs",
+             "The loss jumps, then sits at chance level: most ReLU units never fire again, the updates shrink to "
+             "nothing — it looks like a too-low lr, but the lr killed the run.",
+             dict(_BASE, dataset="digits", model="mlp", optimizer="sgd", lr=1.0, momentum=0.9, max_steps=400,
+                  max_epochs=None),
+             expect="lr_too_high", within=300,
+             also=("dead_units", "underfitting", "plateau", "vanishing_gradients", "loss_spike", "divergence",
+                   "exploding_gradients")),
     Scenario("oscillating_lr", "Learning rate too high (Adam): the loss bounces instead of falling",
              "Big weight updates (update/weight ratio far above 1e-3) and a loss that will not settle.",
              dict(_BASE, dataset="digits", model="mlp", optimizer="adam", lr=0.1, max_steps=400, max_epochs=None),

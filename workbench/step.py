@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
+
+from .batches import StepContract, count_samples
+from .evalmetrics import EvalMetrics
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,27 +29,33 @@ class StepResult:
     layer_update_norms: list[torch.Tensor] | None = None
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-               micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, params: list[torch.nn.Parameter],
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, contract: StepContract,
+               micro_batches: Sequence[Any], *, params: list[torch.nn.Parameter],
                device_type: str, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler,
                grad_clip: float | None, layer_stats: bool = False,
                scratch: list[torch.Tensor] | None = None) -> StepResult:
     """Forward/backward over the micro-batches (gradient accumulation), clip, step, zero the grads.
 
-    ``scratch``: a list the caller keeps between steps; with ``layer_stats`` the pre-step copy of the
-    parameters goes there (filled on first use) instead of into fresh tensors each time.
+    ``contract`` turns a batch into its loss (workbench.batches: pairs, dict batches, HF-style models,
+    ``step_fn``). ``scratch``: a list the caller keeps between steps; with ``layer_stats`` the pre-step copy
+    of the parameters goes there (filled on first use) instead of into fresh tensors each time.
 
     Each micro-batch's loss is weighted by its share of the step's samples, so a short last
     micro-batch of an epoch counts for what it is. With one micro-batch the loss is used as is.
     """
-    total = len(micro_batches[0][1]) if len(micro_batches) == 1 else sum(len(y) for _, y in micro_batches)
+    several = len(micro_batches) > 1
+    counts = [count_samples(b) for b in micro_batches] if several else None
+    total = sum(counts) if counts else 0
     scaling = scaler.is_enabled()  # fp16 only; otherwise no scaler calls at all (they would be no-ops)
     loss_sum = None
-    for x, y in micro_batches:
+    for i, batch in enumerate(micro_batches):
         with _autocast(device_type, amp_dtype):
-            loss = loss_fn(model(x), y)
-        if len(micro_batches) > 1:
-            loss = loss * (len(y) / total)
+            done = contract.compute(model, batch)
+        loss = done.loss
+        if several:
+            loss = loss * (counts[i] / total)
+        else:
+            total = done.samples
         (scaler.scale(loss) if scaling else loss).backward()
         d = loss.detach()
         if d.dtype != torch.float32:
@@ -103,31 +112,18 @@ def _copy_params(params: list[torch.nn.Parameter], scratch: list[torch.Tensor] |
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loss_fn: Callable, batches, *, device_type: str,
-             amp_dtype: torch.dtype | None, classification: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean loss (and accuracy for classification) over ``batches``; returns device tensors.
-
-    The model is put in eval mode for the pass and restored to its previous mode afterwards.
-    """
+def evaluate(model: torch.nn.Module, contract: StepContract, batches: Iterable[Any], metrics: EvalMetrics, *,
+             device: torch.device, amp_dtype: torch.dtype | None) -> tuple[float, float, dict[str, float]]:
+    """One pass over ``batches``: (mean loss, accuracy or NaN, the other metrics by name), read back once at
+    the end (workbench.evalmetrics). The model is put in eval mode for the pass and restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.float64)
-        n = 0
-        first = True
-        for x, y in batches:
-            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = model(x)
-                loss = loss_fn(out, y)
-            if first:
-                loss_sum, correct, first = loss_sum.to(loss.device), correct.to(loss.device), False
-            loss_sum += loss.detach().double() * len(y)
-            if classification:
-                correct += (out.argmax(dim=-1) == y).sum().double()
-            n += len(y)
-        mean = loss_sum / max(n, 1)
-        acc = correct / max(n, 1) if classification else None
-        return mean, acc
+        acc = metrics.start(device)
+        for batch in batches:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                done = contract.compute(model, batch)
+            acc.add(done.loss, done.samples, done.prediction, done.target)
+        return acc.result()
     finally:
         model.train(was_training)

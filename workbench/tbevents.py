@@ -12,7 +12,15 @@ The format, as TensorBoard reads it:
   ``uint32 masked_crc32c(length bytes)``, the data, ``uint32 masked_crc32c(data)`` (little-endian);
 * the first record is ``Event{wall_time, file_version: "brain.Event:2"}``;
 * each scalar record is ``Event{wall_time (1, double), step (2, int64), summary (5)}`` with
-  ``Summary{value (1, repeated): Value{tag (1, string), simple_value (2, float)}}``.
+  ``Summary{value (1, repeated): Value{tag (1, string), simple_value (2, float)}}``;
+* a text record (TensorBoard's Text tab, markdown) is a ``Value`` holding ``tensor (8)``: a string tensor
+  ``TensorProto{dtype (1): DT_STRING, tensor_shape (2): {}, string_val (8)}`` and ``metadata (9)``:
+  ``SummaryMetadata{plugin_data (1): {plugin_name (1): "text"}}``;
+* hyperparameters (the HParams tab) are two ``Value`` records, tags ``_hparams_/experiment`` and
+  ``_hparams_/session_start_info``, each an empty float tensor with ``plugin_name "hparams"`` and as
+  ``content`` an ``HParamsPluginData`` (``experiment (2)``: ``Experiment{time_created_secs (3), hparam_infos
+  (4): {name (1), type (4)}, metric_infos (5): {name (1): {tag (2)}}}``; ``session_start_info (3)``:
+  ``SessionStartInfo{hparams (1): map<string, google.protobuf.Value>, start_time_secs (5)}``).
 """
 from __future__ import annotations
 
@@ -29,7 +37,8 @@ try:  # C implementation when installed (a dependency of the workbench); pure Py
 except ImportError:  # pragma: no cover - exercised only where the package is missing
     _crc32c = None
 
-__all__ = ["EventFile", "crc32c", "crc32c_python", "mask_crc32c", "masked_crc32c", "encode_scalars"]
+__all__ = ["EventFile", "crc32c", "crc32c_python", "mask_crc32c", "masked_crc32c", "encode_scalars", "encode_text",
+           "encode_hparams"]
 
 _TABLE: list[int] = []
 for _n in range(256):
@@ -115,6 +124,57 @@ def encode_scalars(step: int, wall_time: float, values: Iterable[tuple[str, floa
     """The bytes of one ``Event`` holding the given ``(tag, value)`` scalars at ``step``."""
     summary = b"".join(_field_bytes(1, _TAGS[tag] + _f32(value)) for tag, value in values)
     return _event(wall_time, step, _field_bytes(5, summary))
+
+
+def _double(number: int, value: float) -> bytes:
+    """A double field (wire type 1)."""
+    return _varint(number << 3 | 1) + struct.pack("<d", value)
+
+
+def _enum(number: int, value: int) -> bytes:
+    """A varint field (wire type 0)."""
+    return _varint(number << 3) + _varint(value)
+
+
+def _plugin_value(tag: str, plugin: str, content: bytes, tensor: bytes) -> bytes:
+    """A ``Summary.Value`` holding a tensor for a TensorBoard plugin."""
+    plugin_data = _field_bytes(1, plugin.encode()) + (_field_bytes(2, content) if content else b"")
+    return _field_bytes(1, _field_bytes(1, tag.encode("utf-8")) + _field_bytes(8, tensor)
+                        + _field_bytes(9, _field_bytes(1, plugin_data)))
+
+
+def encode_text(step: int, wall_time: float, tag: str, text: str) -> bytes:
+    """The bytes of one ``Event`` holding a markdown text under ``tag`` at ``step`` (TensorBoard's Text tab)."""
+    tensor = _enum(1, 7) + _field_bytes(2, b"") + _field_bytes(8, text.encode("utf-8"))   # DT_STRING, scalar
+    return _event(wall_time, step, _field_bytes(5, _plugin_value(tag, "text", b"", tensor)))
+
+
+_NULL_TENSOR = _enum(1, 1) + _field_bytes(2, _field_bytes(2, b""))     # DT_FLOAT, shape [0]: no values
+_HP_TYPES = {bool: 2, str: 1, float: 3, int: 3}                         # api.DataType: STRING 1, BOOL 2, FLOAT64 3
+
+
+def _pb_value(value: bool | int | float | str) -> bytes:
+    """A ``google.protobuf.Value``: number (2, double), string (3) or bool (4)."""
+    if isinstance(value, bool):
+        return _enum(4, int(value))
+    if isinstance(value, (int, float)):
+        return _double(2, float(value))
+    return _field_bytes(3, str(value).encode("utf-8"))
+
+
+def encode_hparams(wall_time: float, hparams: dict[str, bool | int | float | str],
+                   metrics: Iterable[str] = ()) -> list[bytes]:
+    """The two ``Event`` records TensorBoard's HParams tab reads for one run: the experiment (each
+    hyperparameter's name and type, and the scalar tags shown as metrics) and the run's values."""
+    infos = b"".join(_field_bytes(4, _field_bytes(1, k.encode("utf-8")) + _enum(4, _HP_TYPES[type(v)]))
+                     for k, v in hparams.items())
+    infos += b"".join(_field_bytes(5, _field_bytes(1, _field_bytes(2, m.encode("utf-8")))) for m in metrics)
+    experiment = _field_bytes(2, _double(3, wall_time) + infos)
+    entries = b"".join(_field_bytes(1, _field_bytes(1, k.encode("utf-8")) + _field_bytes(2, _pb_value(v)))
+                       for k, v in hparams.items())
+    session = _field_bytes(3, entries + _double(5, wall_time))
+    return [_event(wall_time, 0, _field_bytes(5, _plugin_value(tag, "hparams", body, _NULL_TENSOR)))
+            for tag, body in (("_hparams_/experiment", experiment), ("_hparams_/session_start_info", session))]
 
 
 class EventFile:

@@ -27,25 +27,19 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from . import checkpoint as ck
-from . import pacing
-from .build import EarlyStopping, ScalerHolder, as_config, build_optimizer, build_parts, n_classes, planned_steps
-from .checkpointing import Checkpointer
+from . import cost
+from .assemble import assemble
+from .build import Own, as_config, planned_steps
+from .chartdata import RATE_COLUMNS, RATE_TAIL, samples_per_s
 from .config import TrainConfig
-from .controls import Controls
-from .diagnosis import Alert, Diagnoser, default_detectors
-from .hooks import HookContext, HookHandle, HookRegistry
-from .loop import Loop
-from .recorder import Recorder
-from .requests import Request, RunFacts, make_request
-from .rollback import GoodStates
-from .rundir import RunDB, TBWriter
-from .runlog import LAYER_COLUMNS, RunLog
-from .sampler import BatchFetcher, EpochSampler
-from .schedules import Schedule
-from .watch import Watch
+from .diagnosis import Alert
+from .hooks import HookContext, HookHandle
+from .loaders import data_size
+from .optim import copy_training
+from .requests import Request, make_request
+from .runlog import LAYER_COLUMNS
 
 
 class TrainingFailed(RuntimeError):
@@ -55,80 +49,54 @@ class TrainingFailed(RuntimeError):
 class Trainer:
     """Train a model in a background thread and steer it while it runs.
 
-    ``Trainer(cfg)`` trains the built-in data set and model the config names;
-    ``Trainer(cfg, model=..., train_data=..., val_data=..., loss_fn=...)`` trains your own ``nn.Module``
-    on any map-style ``Dataset`` yielding (input, target) pairs. ``cfg`` may be a ``TrainConfig``, a
-    mapping, a YAML path or None; keyword ``overrides`` replace config fields.
+    ``Trainer(cfg)`` trains the built-in data set and model the config names; ``Trainer(cfg, model=...,
+    train_data=..., val_data=..., loss_fn=...)`` trains your own. What you may bring (all optional):
+
+    - ``train_data`` / ``val_data``: a map-style Dataset, an IterableDataset or a DataLoader
+      (workbench.loaders says what each supports); ``collate_fn`` for a Dataset's items.
+    - batches of any structure: ``(input, target)`` pairs with ``loss_fn(prediction, target)``; dict batches
+      with a model that returns ``.loss`` (Hugging Face style) or with ``loss_fn``; or ``step_fn(model,
+      batch) -> loss`` for anything else (workbench.batches; ``output_key`` / ``target_key`` name the
+      prediction and the target when the default rule does not find them).
+    - ``optimizer``: a name, an Optimizer or ``fn(params)``; ``schedule``: a name, an LRScheduler, a factory
+      ``fn(optimizer)`` or ``fn(step) -> multiplier`` (workbench.optim: how a live lr change composes).
+    - ``metrics``: ``{"name": fn(preds, targets) or a torchmetrics Metric}``, computed at every evaluation.
+
+    ``cfg`` may be a ``TrainConfig``, a mapping, a YAML path or None; keyword ``overrides`` replace config
+    fields.
     """
 
     def __init__(self, cfg: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, *,
-                 model: torch.nn.Module | None = None, train_data: Dataset | None = None,
-                 val_data: Dataset | None = None, loss_fn: Callable | None = None, task: str | None = None,
-                 _resuming: bool = False, **overrides: Any) -> None:
-        if isinstance(model, str):  # Trainer(model="mlp", ...) names a built-in model, like the config field
-            overrides["model"], model = model, None
-        p = build_parts(as_config(cfg, overrides), model=model, train_data=train_data, val_data=val_data,
-                        loss_fn=loss_fn, task=task)
-        self.cfg = cfg = p.cfg
-        self.device, self.task, self.data_info = p.device, p.task, p.data_info
-        self.model, self.loss_fn, self.train_data, self.val_data = p.model, p.loss_fn, p.train_data, p.val_data
-        self._own_model = p.own_model
-        self.run_dir, self.checkpoint_dir = p.run_dir, p.run_dir / "checkpoints"
-        cfg.to_yaml(self.run_dir / "config.yaml", extra={"seed": cfg.seed, "device": str(self.device),
-                                                          "precision": p.precision, "versions": ck.library_versions()})
-        self.db = RunDB(self.run_dir / "run.db")
-        existing = None if _resuming else self.db.last_step()
-        if existing is not None:
-            self.db.close()
-            raise ValueError(f"run_dir: {self.run_dir} already holds a run (up to step {existing}); allowed: a new "
-                             f"folder, or Trainer.from_checkpoint({str(self.run_dir)!r}) to continue it")
+                 model: torch.nn.Module | None = None, train_data: Any = None, val_data: Any = None,
+                 loss_fn: Callable | None = None, task: str | None = None, optimizer: Any = None,
+                 schedule: Any = None, step_fn: Callable | None = None, collate_fn: Callable | None = None,
+                 metrics: Mapping[str, Any] | None = None, output_key: str | None = None,
+                 target_key: str | None = None, _resuming: bool = False, **overrides: Any) -> None:
+        own = Own(model=model, train_data=train_data, val_data=val_data, loss_fn=loss_fn, task=task,
+                  optimizer=optimizer, schedule=schedule, step_fn=step_fn, collate_fn=collate_fn, metrics=metrics,
+                  output_key=output_key, target_key=target_key)
+        assemble(self, as_config(cfg, {**overrides, **own.named_builtins()}), own, resuming=_resuming)
 
-        # the stateful parts, each with state_dict/load_state_dict; a checkpoint holds them all
-        self.params = [q for q in self.model.parameters() if q.requires_grad]
-        names = [n for n, q in self.model.named_parameters() if q.requires_grad]
-        self.optimizer = build_optimizer(cfg, self.params)
-        self.controls = Controls.from_config(cfg, precision=p.precision)
-        self.schedule = Schedule(cfg.schedule, cfg.schedule_options, self.planned_steps, cfg.monitor_mode)
-        self.scaler = ScalerHolder(self.device.type, p.precision)
-        self.sampler = EpochSampler(len(self.train_data), cfg.seed)
-        self.early_stopping = EarlyStopping(cfg.early_stopping_patience, cfg.monitor_mode, cfg.min_delta)
-        diagnoser = Diagnoser(default_detectors(cfg.diagnosis_options))
-        parts = {"model": self.model, "optimizer": self.optimizer, "schedule": self.schedule, "scaler": self.scaler,
-                 "controls": self.controls, "sampler": self.sampler, "rng": ck.RNGState(),
-                 "early_stopping": self.early_stopping, "detectors": diagnoser}
-        self.fetcher = BatchFetcher(self.train_data, self.device)
-        n_val = len(self.val_data) if self.val_data is not None else 0
-        self.val_fetcher = BatchFetcher(self.val_data, self.device) if n_val else None
-        self.facts = RunFacts(n_train=len(self.train_data), device=self.device, find_alert=diagnoser.find)
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer the run steps (the user's own when one was passed)."""
+        return self._optimizer
 
-        # the collaborators: the loop, the record of the run, diagnosis, checkpoints, good states, hooks
-        self._loop = loop = Loop(self)
-        self.hooks = HookRegistry(loop.hook_failed)
-        recorder = Recorder(self.db, TBWriter(self.run_dir / "tb") if cfg.tensorboard else None,
-                            on_inbox=loop.inbox_request, on_error=loop.recorder_failed, pacer=pacing.default_pacer())
-        self.runlog = RunLog(recorder, names, on_value=lambda *v: self.watch.see(*v))
-        n_cls = self.data_info.get("n_classes") if self.data_info else n_classes(self.train_data, self.task)
-        self.watch = Watch(diagnoser, cfg, self.runlog, loop, model=self.model,
-                           facts=lambda: {"task": self.task, "n_classes": n_cls, "planned_steps": self.planned_steps,
-                                          "controls": self.controls.state_dict()},
-                           probe_batch=lambda: self.fetcher.fetch(torch.arange(min(256, len(self.train_data))))[0],
-                           on_alert=lambda a: self.hooks.fire("alert", lambda: loop.context("alert", {},
-                                                                                            data=a.to_dict())))
-        self.checkpointer = Checkpointer(cfg, parts, self.db, self.checkpoint_dir,
-                                         position=lambda: (loop.step_count, self.epoch),
-                                         last_eval=lambda: self.runlog.last_eval, flush=self.runlog.flush,
-                                         event=loop.log_event, on_save=loop.saved)
-        self.good_states = GoodStates(cfg.good_states, parts, self.controls, lr_factor=cfg.rollback_lr_factor,
-                                      device=self.device, folder=self.checkpoint_dir,
-                                      wait_for_saves=self.checkpointer.wait, after_load=loop.after_load,
-                                      event=loop.log_event)
-        if cfg.checkpoint_every:
-            self.checkpointer.writer.start()  # a writer process imports torch (~1 s): ready for the first save
-        if "started" not in self.db.meta():
-            self.db.set_meta(started=time.time())
-        self.db.set_meta(n_train=len(self.train_data), total_steps=self.planned_steps,
-                          controls=self.controls.state_dict(), status="idle", dataset=cfg.dataset, model=cfg.model,
-                          seed=cfg.seed, device=str(self.device), task=self.task, pid=os.getpid(), layer_names=names)
+    @optimizer.setter
+    def optimizer(self, value: Any) -> None:
+        raise AttributeError("optimizer: a run's optimizer is fixed once it is built (the lr control, the "
+                             "checkpoints and resume follow it); allowed: Trainer(..., optimizer=opt_or_factory)")
+
+    @property
+    def sampler(self) -> Any:
+        """Where the next batch comes from: a map-style Dataset's resumable sampler (epoch, position in samples),
+        else the loader source (workbench.loaders)."""
+        return getattr(self.source, "sampler", self.source)
+
+    def probe_input(self) -> Any:
+        """The input tensor of a fixed training batch, for the dead-unit probe (None: the batch has none)."""
+        batch = self.source.probe(256)
+        return batch[0] if isinstance(batch, tuple) and len(batch) == 2 else None
 
     # ================================================================= lifecycle
     @property
@@ -153,12 +121,13 @@ class Trainer:
     @property
     def epoch(self) -> int:
         """Index of the epoch the next step draws from (0-based)."""
-        return self.sampler.epoch + (1 if self.sampler.epoch_done else 0)
+        src = self.source
+        return src.epoch + (1 if src.epoch_done and not getattr(src, "exhausted", False) else 0)
 
     @property
     def planned_steps(self) -> int | None:
         """Optimizer steps the run will take (None: no end set)."""
-        return planned_steps(self.cfg, len(self.train_data))
+        return planned_steps(self.cfg, data_size(self.train_data), getattr(self.source, "batches_per_epoch", None))
 
     def start(self, paused: bool = False) -> "Trainer":
         """Start the loop in a background thread and return at once."""
@@ -215,7 +184,7 @@ class Trainer:
         if loop.thread is not None:
             loop.thread.join(timeout)
         if loop.error is not None:
-            raise TrainingFailed(f"training failed at step {loop.step_count + 1}: "
+            raise TrainingFailed(f"training failed in {loop.failed_in}: "
                                  f"{type(loop.error).__name__}: {loop.error}\n{loop.traceback}") from loop.error
         return loop.status
 
@@ -305,6 +274,16 @@ class Trainer:
         return self.runlog.evals()
 
     @property
+    def fixed_controls(self) -> dict[str, str]:
+        """Controls this run cannot change, with the reason (the batch size of data a loader batches)."""
+        return {"batch_size": self.facts.fixed} if self.facts.fixed else {}
+
+    @property
+    def eval_names(self) -> list[str]:
+        """Every metric the evaluations record: val_loss, val_acc, then the others (workbench.evalmetrics)."""
+        return self.runlog.eval_names
+
+    @property
     def last_eval(self) -> dict[str, float]:
         """The newest evaluation: step, val_loss, val_acc (empty before the first)."""
         return self.runlog.last_eval
@@ -355,10 +334,14 @@ class Trainer:
         """A small dict of the current state for status lines (safe to call from any thread)."""
         last = self.runlog.steps.last() or {}
         epoch = last.get("epoch", 0)  # the last step's, as in history (a run read from its directory says the same)
+        sps, c, world = samples_per_s(self.runlog.steps.tail(RATE_TAIL, RATE_COLUMNS), self.status), self.controls, \
+            self.dist.world if self.dist else 1
         return {"status": self.status, "step": self.step_count, "epoch": int(epoch) if math.isfinite(epoch) else 0,
-                "train_loss": last.get("train_loss"), "lr": last.get("lr"), "samples_per_s": last.get("samples_per_s"),
-                "total_steps": self.planned_steps, "controls": self.controls.state_dict(),
-                "last_eval": dict(self.last_eval), "run_dir": str(self.run_dir)}
+                "train_loss": last.get("train_loss"), "lr": last.get("lr"), "samples_per_s": sps,
+                "total_steps": self.planned_steps, "controls": c.state_dict(),
+                "last_eval": dict(self.last_eval), "run_dir": str(self.run_dir), "world_size": world,
+                **cost.projection(sps, self.step_count, self.planned_steps, c.batch_size * c.accumulate * world,
+                                  self.flops_per_sample)}  # eta_s, flops_per_sample, flop_s (workbench.cost)
 
     # ================================================================= checkpoints, resume, fork
     def state_dict(self) -> dict[str, Any]:
@@ -401,11 +384,22 @@ class Trainer:
 
     def own_objects(self, copy_model: bool) -> dict[str, Any]:
         """What a Trainer made from this run's checkpoint needs beside it: nothing for a built-in model and
-        data set, else this run's own model (a copy, for a fork), data, loss and task."""
-        if not self._own_model:
-            return {}
-        return dict(model=copy.deepcopy(self.model) if copy_model else self.model, train_data=self.train_data,
-                    val_data=self.val_data, loss_fn=self.loss_fn, task=self.task)
+        data set, else what this run was given; for a fork, copies of its model, optimizer and scheduler,
+        made in one go so that the copies refer to each other."""
+        given = self._own.given()
+        if self._own_model:
+            given.update(model=self.model, loss_fn=self.loss_fn, task=self.task)
+        if copy_model and (self._own_model or "optimizer" in given or "schedule" in given):
+            instance = "schedule" in given and not callable(given["schedule"])  # an LRScheduler, not a factory
+            sched = self.lr_control.scheduler if instance else None
+            model, opt, sched_copy = copy_training(self.model, self._optimizer, sched)
+            if self._own_model:
+                given["model"] = model
+            if "optimizer" in given or sched is not None:
+                given["optimizer"] = opt
+            if sched is not None:
+                given["schedule"] = sched_copy
+        return given
 
     @property
     def lineage(self) -> dict[str, Any]:

@@ -6,11 +6,14 @@ of ``TICK`` steps; a boundary that already evaluated or copied a checkpoint puts
 to the next one, so those costs never land on one step. A read-back value that is NaN/inf, or a loss above
 the divergence detector's own threshold, runs that detector at once. A divergence alert then triggers the
 run's ``on_divergence`` policy: pause (explain and wait), rollback, stop, or ignore.
+
+Each alert's lifetime goes to the event log: ``alert`` when it opens (the hook fires then), ``alert_update``
+with its newest evidence at the 1st, 2nd, 4th, 8th... check that still finds it (a long episode costs a
+few log rows, not one per check), and ``alert_closed`` when its condition clears.
 """
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 
 from .config import TrainConfig
 from .diagnosis import ActivationProbe, Alert, Diagnoser, Signals
+from .diagnosis.base import gradient_flow_weights
 from .runlog import PRECISION_CODES, RunLog
 
 TICK = 10        # detectors' schedules are multiples of this many steps (fewer ticks: less Python between steps)
@@ -48,25 +52,34 @@ class Watch:
         self.diagnoser, self.cfg, self.log, self.run = diagnoser, cfg, log, run
         self._facts, self._probe_batch, self._model, self._on_alert = facts, probe_batch, model, on_alert
         self.enabled = cfg.diagnose
-        self.initial_losses: list[float] = []   # the first steps' losses: the baseline detectors compare with
         self.alarm_loss = math.inf               # a loss above this runs the divergence detector at once
         self.urgent = False                      # a non-finite value arrived: check divergence now
+        self.seen = 0                            # losses read back so far (this process)
+        self._chance: float | None | bool = False  # log(C) for a classifier, None otherwise (False: not read yet)
+        self._flow = gradient_flow_weights(model)
         self._probe: ActivationProbe | None = None
         self._eval_cache: tuple[int, dict[str, np.ndarray]] | None = None
 
     # ------------------------------------------------------------------ every read-back value
     def see(self, loss: float, grad_norm: float, precision_code: int) -> None:
         """A step's loss and grad norm, as they are read back."""
-        if len(self.initial_losses) < 10 and math.isfinite(loss):
-            self.initial_losses.append(loss)
+        self.seen += 1
+        track = self.diagnoser.track
+        if len(track.firsts) < track.first_n and math.isfinite(loss):
+            track.see(self.run.step_count, loss)
             self.alarm_loss = self._divergence_alarm()
+        elif loss > track.peak or loss < track.low:
+            track.see(self.run.step_count, loss)
         if not (math.isfinite(loss) and (math.isfinite(grad_norm) or precision_code == PRECISION_CODES["fp16"])) \
                 or loss > self.alarm_loss:
             self.urgent = True
 
     def baseline(self, first_losses: list[float]) -> None:
-        """The starting losses of a resumed run (from its log)."""
-        self.initial_losses = [v for v in first_losses if math.isfinite(v)]
+        """The starting losses of a resumed run (from its log), for a run whose checkpoint holds no track."""
+        track = self.diagnoser.track
+        if track.first is None:
+            for i, v in enumerate(first_losses):
+                track.see(i + 1, v)
         self.alarm_loss = self._divergence_alarm()
 
     # ------------------------------------------------------------------ the schedule
@@ -100,8 +113,20 @@ class Watch:
             names.append("divergence")
         self.urgent = False
         if names:
-            for alert in self.diagnoser.run(names, self._signals()):
+            changes = self.diagnoser.run(names, self._signals())
+            for alert in changes.updated:
+                if alert.updates & (alert.updates - 1) == 0:   # 1, 2, 4, 8, ...
+                    self.run.log_event("alert_update", "trainer", self._lifecycle(alert), step=step)
+            for alert in changes.closed:
+                self.run.log_event("alert_closed", "trainer", self._lifecycle(alert), step=step)
+            for alert in changes.opened:
                 self._raise(alert)
+
+    @staticmethod
+    def _lifecycle(alert: Alert) -> dict[str, Any]:
+        return {"alert": alert.id, "kind": alert.kind, "severity": alert.severity, "message": alert.message,
+                "evidence": alert.evidence, "last_step": alert.last_step, "updates": alert.updates,
+                "closed_step": alert.closed_step, "actions": [a.__dict__ for a in alert.actions]}
 
     # ------------------------------------------------------------------ what detectors see
     def _signals(self) -> Signals:
@@ -114,12 +139,18 @@ class Watch:
                        history=self.log.steps.tail(WINDOW, ("step", "train_loss", "grad_norm", "lr"), copy=False),
                        evals=self._eval_tail(), layers=self.log.latest_layers, task=facts["task"],
                        n_classes=facts["n_classes"], planned_steps=facts["planned_steps"],
-                       controls=facts["controls"], initial_loss=self.initial_loss(), probe_activations=self._probe)
+                       controls=facts["controls"], initial_loss=self.initial_loss(), probe_activations=self._probe,
+                       track=self.diagnoser.track, flow=self._flow)
 
     def initial_loss(self) -> float | None:
-        """The starting loss detectors compare with: the median of the first finite losses (>= 3 of them).
-        statistics.median gives np.median's value for these few floats, at a tenth of the cost."""
-        return float(statistics.median(self.initial_losses)) if len(self.initial_losses) >= 3 else None
+        """The starting loss detectors compare with (``LossTrack.baseline``): the median of the first finite
+        losses, capped at the first one (or log(C) for a classifier, where higher), so that a loss that blows
+        up in the first steps is measured against where it started, not against its own explosion."""
+        if self._chance is False:
+            facts = self._facts()
+            c = facts.get("n_classes")
+            self._chance = math.log(c) if facts.get("task") == "classification" and c and c > 1 else None
+        return self.diagnoser.track.baseline(self._chance or None)
 
     def _divergence_alarm(self) -> float:
         """The loss that makes the divergence detector run at the step it is read back rather than on its

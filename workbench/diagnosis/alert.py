@@ -31,8 +31,13 @@ class Action:
 
 @dataclass
 class Alert:
-    """One diagnosis: kind, severity, the step it fired at, a plain-language message, the evidence (numbers),
-    suggested actions, and a confidence in [0, 1]."""
+    """One diagnosis: kind, severity, the step it opened at, a plain-language message, the evidence (numbers),
+    suggested actions, and a confidence in [0, 1].
+
+    An alert lives as long as its condition: it opens at ``step``, stays one alert while the condition holds
+    (each check that still finds it rewrites ``message``, ``evidence`` and ``actions`` with the values in
+    force and sets ``last_step``; ``updates`` counts those checks) and closes at ``closed_step`` when the
+    condition has cleared. Pre-flight data alerts describe the data and stay open until dismissed."""
 
     kind: str
     severity: str
@@ -45,6 +50,23 @@ class Alert:
     id: int = field(default_factory=lambda: next(_ids))
     time: float = field(default_factory=time.time)
     dismissed: bool = False
+    last_step: int | None = None      # the step of the newest evidence (None: only the opening one)
+    updates: int = 0                  # checks since opening that found the condition still there
+    closed_step: int | None = None    # the step the condition was found cleared (None: still open)
+
+    @property
+    def open(self) -> bool:
+        """Its condition still holds and nobody marked it a false alarm."""
+        return not self.dismissed and self.closed_step is None
+
+    def update_from(self, newer: "Alert") -> None:
+        """Take the newer check's words and numbers; the severity never drops while the alert is open."""
+        self.message, self.evidence, self.actions = newer.message, newer.evidence, newer.actions
+        self.confidence = max(self.confidence, newer.confidence)
+        if SEVERITIES.index(newer.severity) > SEVERITIES.index(self.severity):
+            self.severity = newer.severity
+        self.last_step = newer.step
+        self.updates += 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -64,7 +86,8 @@ class Alert:
         return cls(**d)
 
     def __str__(self) -> str:
-        return f"[{self.severity}] {self.kind} at step {self.step}: {self.message} ({self.evidence})"
+        span = f"step {self.step}" + (f"-{self.closed_step}" if self.closed_step is not None else "")
+        return f"[{self.severity}] {self.kind} at {span}: {self.message} ({self.evidence})"
 
 
 def reserve_ids(up_to: int) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 
 from .alert import Alert
 
@@ -28,14 +29,78 @@ class Signals:
     n_classes: int | None
     planned_steps: int | None
     controls: Mapping[str, Any]
-    initial_loss: float | None                  # median train loss of the first steps (baseline)
+    initial_loss: float | None                  # the starting loss (baseline; see ``LossTrack.baseline``)
     probe_activations: Callable[..., dict[str, np.ndarray]] | None = None  # (part=0, parts=1)
     extra: dict[str, Any] = field(default_factory=dict)
+    track: "LossTrack | None" = None            # the whole run's first loss, peak and the low before it
+    flow: frozenset[str] | None = None          # the weight matrices gradient-flow checks compare (None: all)
+
+    @property
+    def lr_now(self) -> float:
+        """The lr in force: the scheduled lr of the last step (the base lr ``controls["lr"]`` before any)."""
+        lr = self.history["lr"] if "lr" in self.history else None
+        if lr is not None and len(lr) and math.isfinite(float(lr[-1])):
+            return float(lr[-1])
+        return float(self.controls["lr"])
+
+    @property
+    def base_lr(self) -> float:
+        """The base (peak) lr a schedule multiplies: the value an lr action sets."""
+        return float(self.controls["lr"])
 
     @property
     def chance_loss(self) -> float | None:
         """Cross-entropy of a uniform guess, log(C): a classifier stuck there has learnt nothing."""
         return math.log(self.n_classes) if self.task == "classification" and self.n_classes else None
+
+
+class LossTrack:
+    """What the whole run's loss did, kept step by step in O(1): the first finite loss, the highest finite
+    loss (the peak) with its step and the lowest loss before it. The detectors' history is a window; an
+    early blow-up that killed a run can be thousands of steps older than the check that must name it.
+
+    ``baseline(chance)`` is the starting loss detectors compare with: the median of the first ``first_n``
+    finite losses, but never above the first finite loss (or the chance level log(C), where higher) — a
+    loss that explodes in the first steps must not raise the bar it is measured against."""
+
+    first_n = 10
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.firsts: list[float] = []
+        self.peak, self.peak_step = -math.inf, -1
+        self.low, self.low_before_peak = math.inf, math.inf
+
+    def see(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            return
+        if self.first is None:
+            self.first = loss
+        if len(self.firsts) < self.first_n:
+            self.firsts.append(loss)
+        if loss > self.peak:
+            self.peak, self.peak_step, self.low_before_peak = loss, step, min(self.low, loss)
+        self.low = min(self.low, loss)
+
+    def baseline(self, chance: float | None = None) -> float | None:
+        if len(self.firsts) < 3 or self.first is None:
+            return None
+        # statistics-free median of a few floats (same value as np.median)
+        return min(median(np.asarray(self.firsts)), max(self.first, chance or 0.0))
+
+    def blowup(self) -> float:
+        """How far the peak rose above the lowest loss before it, in units of the first loss (0: never rose)."""
+        if self.first is None or self.peak_step < 0 or not math.isfinite(self.low_before_peak):
+            return 0.0
+        return (self.peak - self.low_before_peak) / max(abs(self.first), 1e-12)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": self.first, "firsts": list(self.firsts), "peak": self.peak, "peak_step": self.peak_step,
+                "low": self.low, "low_before_peak": self.low_before_peak}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, list(v) if k == "firsts" else v)
 
 
 UNCHANGED = object()
@@ -50,6 +115,7 @@ class Detector:
     every: int = 10           # run every N steps (0: never on the step schedule)
     on_eval: bool = False     # run after each evaluation
     min_step: int = 0         # stay quiet before this step (warm-up)
+    reopen_after: int | None = None  # steps after an alert closed before another may open (None: the diagnoser's)
 
     def __init__(self, **options: Any) -> None:
         for k, v in options.items():
@@ -95,6 +161,9 @@ class LayerDetector(Detector):
             return UNCHANGED
         self.last_layer_step = int(L["step"])
         m = L["is_matrix"]
+        if s.flow is not None:
+            flow = m & np.isin(L["name"], list(s.flow))
+            m = flow if flow.any() else m
         return self.judge(s, {k: L[k][m] for k in ("name", "grad_norm", "param_norm", "update_ratio")})
 
     def judge(self, s: Signals, weights: Mapping[str, np.ndarray]) -> Alert | None:  # pragma: no cover
@@ -155,3 +224,24 @@ def fmt(x: float) -> str:
     if ax != 0 and (ax < 1e-3 or ax >= 1e4):
         return f"{x:.2e}"
     return f"{x:.3g}" if ax < 10 else f"{x:.4g}"
+
+
+_NOT_FLOW = (torch.nn.Embedding, torch.nn.EmbeddingBag, torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm,
+             torch.nn.GroupNorm, torch.nn.LocalResponseNorm) + ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm")
+                                                                 else ())
+
+
+def gradient_flow_weights(model: torch.nn.Module) -> frozenset[str]:
+    """The weight matrices whose gradients show how the signal flows through the depth of ``model``: the
+    2-D-or-more parameters of torch's own layers (Linear, convolutions, attention, recurrent layers), in
+    model order. Left out: embeddings (a lookup table gets a gradient only on the rows a batch used, so its
+    norm reads as vanishing on any token model), normalisation layers (scales and shifts, not depth), and
+    tensors a user module holds itself (a learned positional embedding is a 2-D parameter but no layer)."""
+    names = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, _NOT_FLOW) or not type(mod).__module__.startswith("torch.nn"):
+            continue
+        for p_name, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 2 and p.requires_grad:
+                names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return frozenset(names)

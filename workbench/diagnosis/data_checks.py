@@ -1,4 +1,7 @@
-"""Pre-flight data checks, run once before the first step: NaNs, feature scales, class balance, leakage."""
+"""Pre-flight data checks, run once before the first step: NaNs, feature scales, class balance, leakage.
+
+A column's kind decides which checks apply: ids and category codes (``categorical_columns``) are not
+judged for scale."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,6 +30,30 @@ def as_arrays(ds: Dataset | None, max_rows: int = MAX_ROWS) -> tuple[np.ndarray,
     return x.reshape(len(x), -1).double().cpu().numpy(), y.cpu().numpy()
 
 
+MAX_CODES = 32
+
+
+def categorical_columns(ds: Dataset | None, x: np.ndarray) -> np.ndarray:
+    """Which columns of ``x`` (as ``as_arrays`` flattened them) hold ids or category codes, not measurements:
+    every column when the inputs are an integer or bool tensor (token ids, embedding inputs, one-hot
+    codes), else the float columns whose values are all non-negative whole numbers taking at most
+    ``MAX_CODES`` values (category codes stored as floats). Their mean and spread say nothing about scale:
+    token id 46 is not "46 units" of anything, and standardising it would break the embedding lookup."""
+    first = None
+    try:
+        first = ds.tensors[0] if isinstance(ds, TensorDataset) else torch.as_tensor(ds[0][0])
+    except Exception:  # noqa: BLE001 - as_arrays already read these items; this is only the dtype
+        pass
+    if first is not None and not (first.is_floating_point() or first.is_complex()):
+        return np.ones(x.shape[1], dtype=bool)
+    with np.errstate(all="ignore"):
+        whole = np.all((x == np.round(x)) & (x >= 0), axis=0)
+    codes = np.zeros(x.shape[1], dtype=bool)
+    for j in np.flatnonzero(whole):
+        codes[j] = len(np.unique(x[:, j])) <= MAX_CODES
+    return codes
+
+
 def check_nan_inputs(x: np.ndarray, step: int = 0) -> Alert | None:
     """Any NaN or inf in the inputs turns every loss it touches into NaN."""
     bad = ~np.isfinite(x)
@@ -42,8 +69,14 @@ def check_nan_inputs(x: np.ndarray, step: int = 0) -> Alert | None:
                  detector="data_checks")
 
 
-def check_scales(x: np.ndarray, step: int = 0, max_abs_mean: float = 5.0, max_std: float = 10.0) -> Alert | None:
-    """Features far from zero mean / unit variance (standardise them: LeCun et al. 1998, "Efficient BackProp")."""
+def check_scales(x: np.ndarray, step: int = 0, max_abs_mean: float = 5.0, max_std: float = 10.0,
+                 categorical: np.ndarray | None = None) -> Alert | None:
+    """Features far from zero mean / unit variance (standardise them: LeCun et al. 1998, "Efficient BackProp").
+    Columns marked ``categorical`` (ids, codes) are not features on a scale and are skipped."""
+    if categorical is not None:
+        x = x[:, ~categorical]
+        if x.shape[1] == 0:
+            return None
     with np.errstate(all="ignore"):
         mean = np.nanmean(x, axis=0)
         std = np.nanstd(x, axis=0)
@@ -103,7 +136,8 @@ def preflight(train: Dataset, val: Dataset | None, task: str) -> list[Alert]:
     if tr is None:
         return []
     x, y = tr
-    alerts = [check_nan_inputs(x), check_scales(x), check_balance(y, task)]
+    alerts = [check_nan_inputs(x), check_scales(x, categorical=categorical_columns(train, x)),
+              check_balance(y, task)]
     va = as_arrays(val)
     if va is not None:
         if not any(a is not None and a.kind == "nan_inputs" for a in alerts):

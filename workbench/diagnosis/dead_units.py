@@ -34,6 +34,7 @@ class DeadUnits(Detector):
 
     def reset(self) -> None:
         super().reset()
+        self.worst = 0.0             # dead fraction of the worst layer at the last judgement (the lr pair reads it)
         self.primed = False          # the first, whole-batch check has run
         self.calls = 0               # checks since then
         self.part = 0                # the next slice of the probe batch
@@ -79,9 +80,10 @@ class DeadUnits(Detector):
                 dead = 1.0 - float(np.mean(alive))
                 if dead > worst:
                     worst, worst_name, worst_units = dead, name, alive.size
+        self.worst = worst
         if worst <= self.fraction:
             return None
-        lr = s.controls["lr"]
+        lr = s.base_lr
         return Alert(self.kind, "warning", s.step,
                      "Many ReLU units are dead: they output zero for every input, get no gradient and so never "
                      "recover. Large negative biases, a learning rate that once pushed weights too far, or a poor "

@@ -45,7 +45,7 @@ class ExplodingGradients(Detector):
         self.streak = self.streak + 1 if high else 0
         if self.streak < self.patience:
             return None
-        lr = s.controls["lr"]
+        lr = s.base_lr
         clip = max(self.baseline * 2, 1e-3)
         return Alert(self.kind, "warning", s.step,
                      "The gradients are growing much larger than they were early in training. Large gradients "

@@ -55,7 +55,7 @@ class LossSpike(Detector):
         ratio = peak / max(med, 1e-12)
         # a spike that takes the loss above where training started is a warning; smaller ones are info
         severity = "warning" if ratio >= self.big_factor and peak > (s.initial_loss or np.inf) else "info"
-        lr = s.controls["lr"]
+        lr = s.base_lr
         return Alert(self.kind, severity, s.step,
                      "The loss jumped far above its recent level for a step. Isolated spikes often come from an "
                      "unusual batch or a learning rate near the edge of stability; repeated ones usually come "

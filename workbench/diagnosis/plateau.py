@@ -28,7 +28,7 @@ class Plateau(Detector):
         a, b = float(sm[len(sm) // 4]), float(sm[-1])
         if b < self.floor * s.initial_loss or (a - b) / max(abs(a), 1e-12) >= self.min_improve:
             return None
-        lr = s.controls["lr"]
+        lr = s.base_lr
         return Alert(self.kind, "info", s.step,
                      "The training loss has stopped going down. Lowering the learning rate often lets the model "
                      "settle into a better minimum; if the loss is still high, the model may be too small.",

@@ -12,7 +12,9 @@ from .base import LayerDetector, Signals, fmt
 class VanishingGradients(LayerDetector):
     """Ratio of the first to the last weight matrix's gradient norm below ``ratio`` for ``patience``
     layer-stat checks (the first/last-layer gradient ratio used by AutoTrainer and Cockpit; saturating
-    sigmoid/tanh stacks shrink it geometrically with depth, Glorot & Bengio 2010).
+    sigmoid/tanh stacks shrink it geometrically with depth, Glorot & Bengio 2010). The weight matrices are
+    those of ``Signals.flow``: embeddings, normalisation layers and a module's own tensors (a learned
+    positional embedding) are not steps of depth.
     """
 
     kind = "vanishing_gradients"
@@ -23,8 +25,8 @@ class VanishingGradients(LayerDetector):
 
     def judge(self, s: Signals, weights: Mapping[str, np.ndarray]) -> Alert | None:
         g, names = weights["grad_norm"], weights["name"]
-        if len(g) < 3 or not np.isfinite(g).all():
-            return None
+        if len(g) < 3 or not np.isfinite(g).all() or g[-1] <= 1e-12:
+            return None   # no gradient at the last layer either: nothing flows at all (dead units say why)
         r = float(g[0] / max(g[-1], 1e-30))
         if not self.count(r < self.ratio):
             return None

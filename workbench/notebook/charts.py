@@ -5,9 +5,13 @@ the same ones). Rebuilding a figure per refresh costs ~100 ms for six charts, so
 builds them once and afterwards only assigns the new (downsampled) arrays to the existing traces inside
 ``fig.batch_update()``, one message per figure. Change/checkpoint/alert markers are drawn as a few line
 traces (``x = [s, s, None, ...]``) rather than hundreds of layout shapes, whose validation alone takes
-tens of milliseconds; the newest alerts are labelled in text next to their marker. Every trace holds a bounded number of points:
-the metric store's downsampled series (``n_out``), the newest markers (chartdata.markers_of) and ``max_cols``
-heatmap columns, however long the run.
+tens of milliseconds; the newest alerts are labelled in text next to their marker. Every trace holds a
+bounded number of points: the metric store's downsampled series (``n_out``), the newest markers
+(chartdata.markers_of) and ``max_cols`` heatmap columns, however long the run.
+
+Updates only touch trace data, never the axes' ranges, and the figures carry ``uirevision``: a zoom or a
+legend entry the user hid stays while the run goes on. Series go to the browser as float arrays (binary
+buffers, where NaN is allowed); the heatmap's 2-D values as rows holding None, since JSON has no NaN.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ MARKER_GROUPS: dict[str, tuple[str, ...]] = {                    # one line trac
 _UNSET = object()
 ACK_TIMEOUT = 5.0          # s: stop waiting for a frontend's answer to a chart update after this
 SERIES = {"loss": ("train_loss", "val_loss"), "lr": ("lr",), "grad_norm": ("grad_norm",), "val_acc": ("val_acc",)}
-CHART_WIDTH = 540          # px per live chart; two per row in a wide notebook, one in a narrow one
+CHART_WIDTH = 480          # px per live chart, two per row: fits JupyterLab's notebook at a 1,100 px wide window
 MAX_ALERT_NOTES = 8        # alert labels shown per chart (the newest); every alert still has its marker
 
 
@@ -49,9 +53,16 @@ def _arrays(data: ChartData, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(x, dtype=float), np.where(np.isfinite(y), y, np.nan)
 
 
-def _marker_group(markers: Iterable[dict[str, Any]], kinds: tuple[str, ...]) -> dict[str, Any]:
+def _alert_text(label: str) -> str:
+    """An alert marker's label on the chart: its kind (the colour and the hover text give the severity)."""
+    return label.split(": ", 1)[-1]
+
+
+def _marker_group(markers: Iterable[dict[str, Any]], kinds: tuple[str, ...], x_end: float = 0.0) -> dict[str, Any]:
     """The markers of some kinds as arrays: vertical lines (x = [s, s, nan, ...], y = [0, 1, nan, ...], NaN
-    breaks the line) and one hover point per marker (step, label, colour)."""
+    breaks the line) and one hover point per marker (step, label, colour). Alert labels sit under their
+    triangle, written leftwards unless the marker is in the first third of the run (``x_end``: its last
+    step), so that no label runs off the chart's edge."""
     ms = [m for m in markers if m["kind"] in kinds]
     steps = np.array([m["step"] for m in ms], dtype=float)
     line_x = np.repeat(steps, 3)
@@ -61,7 +72,8 @@ def _marker_group(markers: Iterable[dict[str, Any]], kinds: tuple[str, ...]) -> 
     shown = len(ms) - MAX_ALERT_NOTES
     return {"key": tuple((m["step"], m["kind"], m["label"]) for m in ms), "line_x": line_x, "line_y": line_y,
             "x": steps, "y": np.ones(len(ms)), "labels": labels,
-            "text": ["" if i < shown else t for i, t in enumerate(labels)] if "alert" in kinds else [],
+            "text": ["" if i < shown else _alert_text(t) for i, t in enumerate(labels)] if "alert" in kinds else [],
+            "position": ["bottom right" if s < x_end / 3 else "bottom left" for s in steps],
             "color": [figures.MARKER_COLORS.get(m["kind"], "#999") for m in ms]}
 
 
@@ -78,7 +90,7 @@ def _marker_traces() -> list[go.Scatter]:
         # counterpart of layout annotations, which cost ~8 ms per chart to validate on every change)
         points.append(go.Scatter(x=[], y=[], yaxis="y2", mode="markers+text" if group == "alerts" else "markers",
                                  name=f"{group} (events)", text=[], customdata=[], showlegend=False,
-                                 textposition="bottom center",
+                                 textposition="bottom left", cliponaxis=False,
                                  textfont=dict(size=10, color=figures.MARKER_COLORS.get(kind, "#999")),
                                  marker=dict(symbol="triangle-down", size=9,
                                              color=figures.MARKER_COLORS.get(kind, "#999")),
@@ -86,21 +98,29 @@ def _marker_traces() -> list[go.Scatter]:
     return lines + points
 
 
-def alert_annotations(markers: list[dict[str, Any]], limit: int = MAX_ALERT_NOTES) -> list[dict[str, Any]]:
-    """Text annotations (newest ``limit``) for the alert markers, pointing at the top of their line."""
+def alert_annotations(markers: list[dict[str, Any]], limit: int = MAX_ALERT_NOTES,
+                      x_end: float = 0.0) -> list[dict[str, Any]]:
+    """Text annotations (newest ``limit``) for the alert markers, hanging down from the top of their line
+    inside the plot (above it they would cover the legend), written towards the middle of the chart."""
     alerts = [m for m in markers if m["kind"] == "alert"][-limit:]
-    return [dict(x=m["step"], y=1.0, xref="x", yref="paper", text=m["label"], showarrow=True, arrowhead=2,
-                 ax=0, ay=-18, font=dict(size=10, color=figures.MARKER_COLORS["alert"]), bgcolor="rgba(255,255,255,0.8)")
+    return [dict(x=m["step"], y=1.0, xref="x", yref="paper", text=_alert_text(m["label"]), showarrow=False,
+                 yanchor="top", xanchor="left" if m["step"] < x_end / 3 else "right",
+                 font=dict(size=10, color=figures.MARKER_COLORS["alert"]), bgcolor="rgba(255,255,255,0.8)")
             for m in alerts]
 
 
-def static_figures(data: ChartData, log_y: bool = False) -> dict[str, go.Figure]:
+def _x_end(data: ChartData) -> float:
+    x, _ = data.series.get("train_loss", (np.array([]), np.array([])))
+    return float(x[-1]) if len(x) else 0.0
+
+
+def static_figures(data: ChartData, log_y: bool = True) -> dict[str, go.Figure]:
     """The shared builders' figures (figures.all_figures) with alert annotations: the no-widget fallback."""
     figs = figures.all_figures(data, log_y=log_y)
-    notes = alert_annotations(data.markers)
+    notes = alert_annotations(data.markers, x_end=_x_end(data))
     if notes:
         for name in LINE_CHARTS:
-            figs[name].update_layout(annotations=notes)
+            figs[name].update_layout(annotations=list(figs[name].layout.annotations) + notes)
     return figs
 
 
@@ -159,11 +179,13 @@ class LiveSource:
         return markers_of(events)
 
 
-def _heatmap_z(z: np.ndarray) -> np.ndarray:
-    """log10 of the per-layer values (as figures.layer_heatmap draws them); non-positive -> NaN."""
+def _heatmap_z(z: np.ndarray) -> list[list[float | None]]:
+    """log10 of the per-layer values (as figures.layer_heatmap draws them); non-positive -> None. Rows of
+    Python floats: a 2-D array goes to the browser as JSON, where NaN is not allowed (jupyter_client
+    prints a warning for every such message)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         logz = np.where(z > 0, np.log10(z), np.nan)
-    return np.where(np.isfinite(logz), logz, np.nan)
+    return np.where(np.isfinite(logz), logz, None).tolist()
 
 
 def _placeholder(layer_names: list[str] | None) -> ChartData:
@@ -180,7 +202,7 @@ class LiveCharts:
     """The panel's six FigureWidgets: loss (train/val, log-y toggle), lr, grad norm, val accuracy, per-layer
     gradient-norm heatmap (layers x steps) and update/weight ratio per layer."""
 
-    def __init__(self, log_y: bool = False, layer_names: list[str] | None = None) -> None:
+    def __init__(self, log_y: bool = True, layer_names: list[str] | None = None) -> None:
         start = static_figures(_placeholder(layer_names), log_y=log_y)
         self.figs: dict[str, go.FigureWidget] = {}
         for name in CHART_NAMES:
@@ -217,9 +239,16 @@ class LiveCharts:
         self._drawn.clear()
 
     def reset(self, layer_names: list[str] | None = None) -> None:
-        """Clear the charts for another run (with its parameter names)."""
+        """Clear the charts for another run (with its parameter names), unzoomed."""
         self.invalidate()
         self._sent.clear()
+        for name, fig in self.figs.items():
+            with fig.batch_update():
+                fig.layout.xaxis.autorange = True
+                if name == "val_acc":
+                    fig.layout.yaxis.range = list(figures.ACCURACY_RANGE)
+                else:
+                    fig.layout.yaxis.autorange = "reversed" if name == "layer_grad_norm" else True
         self._rebuild_ratio(_placeholder(layer_names))
         self.update(empty_data())
 
@@ -247,7 +276,8 @@ class LiveCharts:
         whose frontend is still drawing the previous update is skipped and :attr:`pending` set."""
         self.pending = False
         now = time.monotonic()
-        groups = {g: _marker_group(data.markers, kinds) for g, kinds in MARKER_GROUPS.items()}
+        x_end = _x_end(data)
+        groups = {g: _marker_group(data.markers, kinds, x_end) for g, kinds in MARKER_GROUPS.items()}
         n_groups = len(MARKER_GROUPS)
         for name, names in SERIES.items():
             fig = self.figs[name]
@@ -264,6 +294,10 @@ class LiveCharts:
                     x, y = _arrays(data, s)
                     fig.data[i].x, fig.data[i].y = x, y
                     self._drawn[(name, s)] = data.series.get(s)
+                    if s == "val_acc":   # the "no accuracy yet" note goes at the first point
+                        notes = () if np.isfinite(y).any() else (figures.accuracy_note(),)
+                        if len(fig.layout.annotations) != len(notes):
+                            fig.layout.annotations = notes
                 k = self._n_series[name]
                 for j, g in enumerate(MARKER_GROUPS):
                     if g not in stale:
@@ -273,7 +307,7 @@ class LiveCharts:
                     line.x, line.y = m["line_x"], m["line_y"]
                     pts.x, pts.y, pts.customdata = m["x"], m["y"], m["labels"]
                     if g == "alerts":
-                        pts.text = m["text"]
+                        pts.text, pts.textposition = m["text"], m["position"]
                     if g == "changes":   # control, rollback, policy, fork, resume: one colour each
                         pts.marker.color = m["color"]
                     self._marker_keys[(name, g)] = m["key"]

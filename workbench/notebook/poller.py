@@ -8,14 +8,16 @@ values and figure data — allowed from a thread in ipywidgets 8, where the kern
 messages. The poller never calls ``display()`` and never prints: output from a thread lands in
 whatever cell runs at that moment (ipywidgets#1794, #4001).
 
-A blocking cell (``tr.join()``) holds the asyncio loop, so in that mode the charts catch up when the
-cell ends; use ``start()`` (not ``run()``) to watch a run live, or ``mode="thread"``.
+A blocking cell (``tr.run()``, ``tr.join()``, ``req.wait()``) holds the asyncio loop, so in that mode the
+charts catch up when the cell ends. To watch a run live, ``start()`` it and wait with ``await watch(tr)``
+(or ``await watch(tr, until=...)``): the cell waits on the loop, and the poller draws meanwhile.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable
+import time
+from typing import Any, Callable
 
 MODES = ("auto", "asyncio", "thread")
 
@@ -97,3 +99,23 @@ class Poller:
     def _run_thread(self) -> None:
         while not self._stop.wait(self.interval):
             self._call()
+
+
+async def watch(trainer: Any, until: Callable[[], object] | None = None, timeout: float | None = None,
+                poll: float = 0.1) -> str:
+    """Wait in a notebook cell, without blocking the kernel, until ``until()`` is true (default: the run
+    ended); returns the run's status. ``await watch(tr)`` is the live counterpart of ``tr.join()``: the
+    panel's poller keeps drawing while the cell waits. A run that fails re-raises as in ``join()``; a
+    ``timeout`` (seconds) that passes first raises TimeoutError."""
+    done = until or (lambda: not trainer.is_alive)
+    end = None if timeout is None else time.monotonic() + timeout
+    while not done():
+        if until is not None and not trainer.is_alive:
+            break                      # the run ended first: the condition can no longer come true
+        if end is not None and time.monotonic() > end:
+            raise TimeoutError(f"watch: not done after {timeout} s (run status {trainer.status}, "
+                               f"step {trainer.step_count})")
+        await asyncio.sleep(poll)
+    if not trainer.is_alive:
+        trainer.join(0)                # a failed run raises here, as join() does
+    return trainer.status

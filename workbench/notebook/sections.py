@@ -86,9 +86,8 @@ class AlertsBox(widgets.VBox):
         alert = next((a for a in tr.alerts if a.id == alert_id), None)
         label = alert.actions[j].label if alert is not None and j < len(alert.actions) else f"action {j}"
         req = tr.apply_action(alert_id, j, source="notebook")
-        owner._post(label, req)
-        if tr.status == "paused" and req.status != "refused":
-            owner._say(f"{label}: requested; the run is paused — press resume (or step) to continue")
+        note = "the run is paused: press resume (or step) to continue" if tr.status == "paused" else ""
+        owner._post(label, req, note)
 
     def dismiss(self, i: int) -> None:
         self.owner._post("dismiss", self.owner.trainer.dismiss(self._alert_id(i), source="notebook"))

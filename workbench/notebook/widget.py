@@ -5,8 +5,10 @@
 * controls: lr (log slider + text box), batch size, precision, grad clip, accumulation, weight decay; each
   change goes through ``Trainer.set(..., source="notebook")`` and a refused value is shown in the panel;
 * buttons start / pause / resume / step n / stop / save checkpoint, a status line (status, step, epoch,
-  samples/s, ETA, losses, health) and a progress bar;
-* live plotly FigureWidgets (see :mod:`.charts`): loss with a log-y toggle, lr, grad norm, val accuracy,
+  samples/s, ETA, losses, health), a progress bar and a request line: each request posted from the panel
+  shows as pending at once, then as applied (at which step) or refused (and why) once the trainer decided;
+* live plotly FigureWidgets in a two-column grid (see :mod:`.charts`): loss (log y by default, as in the
+  dashboard, with a toggle), lr, grad norm, val accuracy,
   a per-layer gradient-norm heatmap and the update/weight ratio per layer, with markers at live changes,
   checkpoints and alerts;
 * the diagnosis: open alerts with message, evidence and one button per suggested action, plus dismiss;
@@ -38,6 +40,7 @@ from .poller import Poller
 from .sections import SEVERITY_COLORS, AlertsBox, CheckpointsBox, _fmt
 
 Trainer = Any  # a workbench.Trainer (not imported: the trainer imports this module for Trainer.panel)
+REQUESTS_SHOWN = 3          # requests in the request line (newest first)
 STATUS_STYLES = {"running": "info", "paused": "warning", "finished": "success", "stopped": "success",
                  "failed": "danger", "idle": ""}
 _WIDE = {"description_width": "initial"}
@@ -75,11 +78,20 @@ def status_text(tr: Trainer, snap: dict[str, Any] | None = None, eta: float | No
         parts.append(f"val loss {_fmt(ev.get('val_loss'))}")
         if ev.get("val_acc") is not None and math.isfinite(float(ev.get("val_acc", math.nan))):
             parts.append(f"val acc {float(ev['val_acc']):.3f}")
+        for name, value in ev.items():   # perplexity, F1/AUC, the user's own metrics
+            if name.startswith("val_") and name not in ("val_loss", "val_acc") and value is not None:
+                parts.append(f"{name[4:]} {_fmt(value)}")
+    world = int(s.get("world_size") or 1)
+    if world > 1:
+        c = s.get("controls") or {}
+        parts.append(f"effective batch {int(c.get('batch_size', 0)) * int(c.get('accumulate', 1)) * world}")
+    if s.get("flop_s"):
+        parts.append(f"{s['flop_s'] / 1e9:,.2f} GFLOP/s")
     parts.append(f"health {tr.diagnose()['health']}")
     return " · ".join(parts)
 
 
-def static_html(tr: Trainer, n_out: int = 500, include_plotlyjs: bool | str = "cdn", log_y: bool = False) -> str:
+def static_html(tr: Trainer, n_out: int = 500, include_plotlyjs: bool | str = "cdn", log_y: bool = True) -> str:
     """The run as static HTML: a status line, the open alerts and the shared figures (no widgets needed).
 
     ``include_plotlyjs="cdn"`` loads plotly.js from its CDN when the page is viewed (small output);
@@ -123,7 +135,7 @@ class Panel(widgets.VBox):
     """
 
     def __init__(self, trainer: Trainer, *, poll: str | None = "auto", interval: float = 0.2,
-                 chart_interval: float = 1.0, n_out: int = 2000, log_y: bool = False) -> None:
+                 chart_interval: float = 1.0, n_out: int = 2000, log_y: bool = True) -> None:
         self.trainer = trainer
         self.trainers: list[Trainer] = [trainer]     # every run this panel has shown (forks, resumes)
         self.n_out = int(n_out)
@@ -134,6 +146,8 @@ class Panel(widgets.VBox):
         self.refresh_count = 0
         self.last_refresh_s = math.nan
         self.last_request: Any = None
+        self.requests: list[tuple[str, Any, str]] = []   # (what, request, note) in the request line, newest last
+        self._requests_shown: tuple = ()
         self.last_error: str | None = None
         self._lock = threading.RLock()
         self._local = threading.local()
@@ -165,6 +179,9 @@ class Panel(widgets.VBox):
             if spec.name != "lr":  # one widget per live control of the engine's list, also an attribute
                 self.controls[spec.name] = _control_widget(spec, getattr(c, spec.name))
                 setattr(self, spec.name, self.controls[spec.name])
+        self.fixed = dict(getattr(self.trainer, "fixed_controls", {}))   # controls this run cannot change
+        for name, why in self.fixed.items():
+            self.controls[name].description_tooltip = f"fixed: {why}"
         for name, w in self.controls.items():
             w.observe(self._control_handler(name), names="value")
         self.lr_text.observe(self._control_handler("lr"), names="value")
@@ -185,12 +202,15 @@ class Panel(widgets.VBox):
         self.status = widgets.HTML()
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="100%"))
         self.message = widgets.HTML()
+        self.request_line = widgets.HTML()
 
         self.charts = LiveCharts(log_y=log_y, layer_names=list(self._source.names))
         self.figures = self.charts.figs
+        # two columns of fixed width (a FigureWidget cannot always measure a grid cell, see charts.CHART_WIDTH);
+        # a notebook narrower than two charts scrolls sideways rather than stacking six charts in one column
         grid = widgets.GridBox(list(self.figures.values()),
-                               layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {CHART_WIDTH + 10}px)",
-                                                     width="100%"))
+                               layout=widgets.Layout(grid_template_columns=f"repeat(2, {CHART_WIDTH}px)",
+                                                     grid_gap="6px 10px", overflow="auto", width="100%"))
 
         self.alerts = AlertsBox(self)
         self.alert_slots, self.health, self.diagnosis = self.alerts.slots, self.alerts.health, self.alerts
@@ -204,8 +224,8 @@ class Panel(widgets.VBox):
                                layout=widgets.Layout(flex_flow="row wrap"))
         controls = widgets.HBox([self.lr_slider, self.lr_text, *(w for n, w in self.controls.items() if n != "lr")],
                                 layout=widgets.Layout(flex_flow="row wrap"))
-        super().__init__([self.title, controls, buttons, self.status, self.progress, self.message, grid,
-                          self.diagnosis, self.checkpoint_browser])
+        super().__init__([self.title, controls, buttons, self.status, self.progress, self.request_line, self.message,
+                          grid, self.diagnosis, self.checkpoint_browser])
 
     def button(self, label: str, icon: str, fn: Callable[[], Any], style: str = "") -> widgets.Button:
         """A button whose click runs ``fn``, an error shown in the panel."""
@@ -277,6 +297,7 @@ class Panel(widgets.VBox):
                 self._key = key
                 self.refresh_count += 1
                 self.last_refresh_s = time.perf_counter() - t0
+            self._update_requests()
             now = time.monotonic()
             if force or (now < self._ckpt_until and now - self._ckpt_read >= 0.5):
                 self._ckpt_read = now
@@ -324,8 +345,8 @@ class Panel(widgets.VBox):
         for name, on in enabled.items():
             getattr(self, f"{name}_button").disabled = not on
         ended = status in ("finished", "stopped", "failed")
-        for w in list(self.controls.values()) + [self.lr_text]:
-            w.disabled = ended
+        for name, w in [*self.controls.items(), ("lr", self.lr_text)]:
+            w.disabled = ended or name in self.fixed
 
     # ================================================================= handlers (main thread)
     def _say(self, text: str, error: bool = False) -> None:
@@ -342,13 +363,34 @@ class Panel(widgets.VBox):
             self._say(f"{what}: {type(e).__name__}: {e}", error=True)
             return None
 
-    def _post(self, what: str, req: Any) -> Any:
-        self.last_request = req
-        if req.status == "refused":
-            self._say(f"{what}: refused — {req.message}", error=True)
-        else:
-            self._say(f"{what}: requested (applied at the next step boundary)")
+    def _post(self, what: str, req: Any, note: str = "") -> Any:
+        """Show a posted request in the request line (pending now; applied or refused once decided)."""
+        with self._lock:
+            self.last_request = req
+            self.message.value = ""           # an older message would read as this request's
+            self.requests = [r for r in self.requests if r[1] is not req][-(REQUESTS_SHOWN - 1):] + [(what, req, note)]
+            self._update_requests()
         return req
+
+    def _update_requests(self) -> None:
+        """Redraw the request line when one of its requests was decided (the poller calls this each tick)."""
+        shown = tuple((id(req), req.status) for _, req, _ in self.requests)
+        if shown == self._requests_shown:
+            return
+        self._requests_shown = shown
+        parts = []
+        for what, req, note in reversed(self.requests):
+            if req.status == "applied":
+                text, color = f"{what}: applied at step {req.step}", "#2ca02c"
+            elif req.status == "refused":
+                text, color = f"{what}: refused — {req.message}", "#d62728"
+                if req is self.requests[-1][1]:
+                    self.last_error = text
+            else:
+                text, color = f"{what}: pending (applied at the next step boundary)", "#555"
+            text += f" — {note}" if note else ""
+            parts.append(f"<span style='color:{color}'>{html.escape(text)}</span>")
+        self.request_line.value = " · ".join(parts)
 
     def _control_handler(self, name: str) -> Callable[[dict], None]:
         def handler(change: dict) -> None:
@@ -410,6 +452,8 @@ class Panel(widgets.VBox):
                 self.trainers.append(trainer)
             self._key = self._data_key = self._alerts_key = None
             self._pending.clear()
+            self.requests, self._requests_shown = [], ()
+            self.request_line.value = ""
             self._rate, self._last_obs, self._ckpt_seen = None, None, -1
             self.checkpoint_browser.reset()
             self.charts.reset(list(self._source.names))

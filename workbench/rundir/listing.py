@@ -109,6 +109,9 @@ def list_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
     return df
 
 
+MAX_NAME_BYTES = 100  # a run folder's name; "-N" may follow, and most file systems stop at 255 bytes
+
+
 def new_run_dir(root: str | os.PathLike = "runs", name: str | None = None) -> Path:
     """Create ``root/<name>`` (default: a timestamp like ``2026-11-25_10-53-07``) with ``tb/`` and
     ``checkpoints/`` inside, and return its path. If the folder exists, ``-2``, ``-3``, ... is appended."""
@@ -123,8 +126,12 @@ def new_run_dir(root: str | os.PathLike = "runs", name: str | None = None) -> Pa
         )
         if bad:
             raise ValueError(
-                f"run name must be a single folder name (no path separators, not '.' or '..'), got {name!r}"
+                f"name: a run name must be a single folder name (no path separators, not '.' or '..'), got "
+                f"{name!r:.120}"
             )
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise ValueError(f"name: got a run name of {len(name)} characters; allowed: at most {MAX_NAME_BYTES} "
+                             f"bytes (file systems refuse longer folder names)")
         base = name
     else:
         base = _time.strftime("%Y-%m-%d_%H-%M-%S")

@@ -82,6 +82,12 @@ CREATE TABLE IF NOT EXISTS layers (
     update_ratio REAL,
     PRIMARY KEY (step, layer)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS eval_metrics (
+    step  INTEGER NOT NULL,
+    name  TEXT NOT NULL,
+    value REAL,
+    PRIMARY KEY (step, name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
     time   REAL NOT NULL,
@@ -156,6 +162,23 @@ def _loads(text: str | None) -> Any:
     if text is None:
         return None
     return json.loads(text)
+
+
+class Unreadable(str):
+    """Stored text that is not valid JSON (a row another program wrote): kept as text, so that one bad row
+    never stops the reading of the others; ``error`` says what is wrong with it."""
+
+    error: str = ""
+
+
+def _loads_or_text(text: Any) -> Any:
+    """``_loads``, or the text itself as :class:`Unreadable` when it is not JSON."""
+    try:
+        return _loads(text)
+    except (TypeError, ValueError) as e:
+        bad = Unreadable(text if isinstance(text, str) else repr(text))
+        bad.error = f"not valid JSON ({e})"
+        return bad
 
 
 # ---------------------------------------------------------------------------------------------- converters

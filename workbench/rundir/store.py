@@ -15,7 +15,7 @@ import pandas as pd
 from ..requests import ACTIONS, OUTCOMES
 from .schema import (_CHECKPOINT_SPEC, _EVAL_SPEC, _LAYER_SPEC, _SCHEMA, _STEP_SPEC, BUSY_TIMEOUT_MS, DB_NAME,
                      SCHEMA_VERSION, STEP_COLUMNS, _dumps, _frame, _is_missing_table,
-                     _loads, _rows_to_tuples, _to_int)
+                     _loads, _loads_or_text, _rows_to_tuples, _to_int)
 
 
 class RunDB:
@@ -176,6 +176,24 @@ class RunDB:
                 "INSERT OR REPLACE INTO evals (step, val_loss, val_acc, time) VALUES (?, ?, ?, ?)", tuples
             )
 
+    def insert_eval_metrics(self, rows: Sequence[tuple[int, str, float | None]]) -> None:
+        """Write (step, name, value) rows of the metrics an evaluation measures beyond loss and accuracy."""
+        tuples = [(_to_int(step, "step"), str(name), None if value is None else float(value))
+                  for step, name, value in rows]
+        if tuples:
+            with self._write() as c:
+                c.executemany("INSERT OR REPLACE INTO eval_metrics (step, name, value) VALUES (?, ?, ?)", tuples)
+
+    def read_eval_metrics(self) -> pd.DataFrame:
+        """The other metrics of every evaluation, one column per name (step first, ordered by step)."""
+        rows = self._select("SELECT step, name, value FROM eval_metrics ORDER BY step")  # none: no such table yet
+        if not rows:
+            return pd.DataFrame({"step": pd.Series(dtype="int64")})
+        long = pd.DataFrame(rows, columns=["step", "name", "value"])
+        wide = long.pivot(index="step", columns="name", values="value").reset_index()
+        wide.columns.name = None
+        return wide
+
     def insert_layers(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Write per-layer statistics (keys :data:`LAYER_COLUMNS`; primary key ``(step, layer)``)."""
         tuples = _rows_to_tuples(rows, _LAYER_SPEC, "layers", ("step", "layer"))
@@ -221,7 +239,7 @@ class RunDB:
         if s is None:
             raise ValueError("step must be an integer, got None")
         with self._write() as c:
-            for table in ("steps", "evals", "layers"):
+            for table in ("steps", "evals", "layers", "eval_metrics"):
                 c.execute(f"DELETE FROM {table} WHERE step > ?", (s,))
 
     # ------------------------------------------------------------------ event log
@@ -289,7 +307,8 @@ class RunDB:
             "SELECT id, time, source, action, controls FROM controls WHERE status = 'pending' ORDER BY id"
         )
         return [
-            {"id": int(i), "time": t, "source": s, "action": a, "controls": _loads(c)} for i, t, s, a, c in rows
+            {"id": int(i), "time": t, "source": s, "action": a, "controls": _loads_or_text(c)}
+            for i, t, s, a, c in rows
         ]
 
     def resolve_control(self, request_id: int, *, status: str, step: int | None, message: str = "") -> None:
@@ -329,7 +348,7 @@ class RunDB:
             "time": t,
             "source": src,
             "action": act,
-            "controls": _loads(ctl),
+            "controls": _loads_or_text(ctl),
             "status": st,
             "step": None if step is None else int(step),
             "message": msg,
