@@ -202,7 +202,7 @@ def test_the_panel_in_jupyterlab_two_columns_zoom_kept_stop_answered(tmp_path):
             assert later["range"] == pytest.approx(zoomed["range"]), (zoomed["range"], later["range"])
             assert loss.is_visible()
 
-            page.get_by_role("button", name="stop").click()
+            page.locator('button[title="stop"]').click()
             page.get_by_text(re.compile(r"stop: applied at step \d+")).wait_for(timeout=30_000)
         except BaseException:
             page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)

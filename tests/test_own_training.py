@@ -298,7 +298,7 @@ def test_views_say_what_a_run_cannot_change_and_show_its_other_metrics(runs_root
 
     tr = trainer("iterable", None, runs_root=str(runs_root), max_steps=14, eval_every=7)
     p = tr.panel()
-    assert p.batch_size.disabled and "map-style Dataset" in p.batch_size.description_tooltip
+    assert p.batch_size.disabled and "map-style Dataset" in p.batch_size.tooltip
     tr.run()
     assert "f1 " in status_text(tr) and "auc " in status_text(tr)
     for run in (tr, open_run(tr.run_dir)):

@@ -110,7 +110,8 @@ def _build(tr: Any, p: Any, own: Own, resuming: bool) -> None:
                      on_alert=lambda a: tr.hooks.fire("alert", lambda: loop.context("alert", {}, data=a.to_dict())))
     tr.checkpointer = Checkpointer(cfg, parts, tr.db, tr.checkpoint_dir, position=lambda: (loop.step_count, tr.epoch),
                                    last_eval=lambda: tr.runlog.last_eval, flush=tr.runlog.flush,
-                                   event=loop.log_event, on_save=loop.saved, persist=recorder.flush)
+                                   event=loop.log_event, on_save=loop.saved,
+                                   persist=lambda: recorder.flush(paced=True))  # paced: it shares the GIL with steps
     tr.good_states = GoodStates(cfg.good_states, parts, tr.controls, lr_factor=cfg.rollback_lr_factor,
                                 device=tr.device, folder=tr.checkpoint_dir, wait_for_saves=tr.checkpointer.wait,
                                 after_load=loop.after_load, event=loop.log_event)

@@ -28,6 +28,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from .batches import to_device
 from .sampler import BatchFetcher, EpochSampler
 
+# torchdata's StatefulDataLoader calls a deprecated torch function at every new iterator (every epoch): a
+# warning about torchdata's internals that the user can do nothing about.
 warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
 
 FIXED_BATCH = ("the data is {what}, whose batches are made by a loader; the workbench changes the batch size "

@@ -100,8 +100,8 @@ class Recorder:
 
     def flush(self, paced: bool = False) -> None:
         """Write everything queued so far (safe to call from any thread). ``paced``: the recorder's own
-        periodic flush, which lets the pacer pause between pieces; any other flush is done at full
-        speed, and one already under way on the recorder thread stops pausing while this one waits."""
+        periodic flush, or the one before a checkpoint file, which let the pacer pause between pieces; any
+        other flush is done at full speed, and one already under way stops pausing while this one waits."""
         pacer = self._pacer if paced else None
         hurry = self._pacer is not None and not paced
         if hurry:

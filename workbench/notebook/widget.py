@@ -181,7 +181,7 @@ class Panel(widgets.VBox):
                 setattr(self, spec.name, self.controls[spec.name])
         self.fixed = dict(getattr(self.trainer, "fixed_controls", {}))   # controls this run cannot change
         for name, why in self.fixed.items():
-            self.controls[name].description_tooltip = f"fixed: {why}"
+            self.controls[name].tooltip = f"fixed: {why}"
         for name, w in self.controls.items():
             w.observe(self._control_handler(name), names="value")
         self.lr_text.observe(self._control_handler("lr"), names="value")
