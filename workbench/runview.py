@@ -117,11 +117,21 @@ class RunView:
         with self._lock:
             self._pull_evals()
             df = self._evals.copy()
-            extra = self._db.read_eval_metrics()
+            extra = self._extra_evals()
         if len(extra.columns) > 1:
             df = df.merge(extra, on="step", how="left")
         df["time"] = wall_clock(df["time"])
         return df
+
+    def _extra_evals(self) -> pd.DataFrame:
+        """The other eval metrics, read again only when an evaluation arrived that they do not hold yet (a view
+        asks for them once per series it draws; the recorder writes them just after the eval's row)."""
+        cached = getattr(self, "_extra", None)
+        newest = int(self._evals["step"].iloc[-1]) if len(self._evals) else None
+        if cached is None or (newest is not None and newest not in set(cached[1]["step"].astype(int))
+                              and (cached[0] != len(self._evals) or len(cached[1].columns) > 1)):
+            self._extra = cached = (len(self._evals), self._db.read_eval_metrics())
+        return cached[1]
 
     @property
     def fixed_controls(self) -> dict[str, str]:
