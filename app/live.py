@@ -58,6 +58,7 @@ FIGURES: dict[str, tuple[Callable[..., go.Figure], tuple[str, ...], bool, bool]]
     "val_acc": (figures.accuracy_figure, ("val_acc",), True, False),
     "layer_grad_norm": (figures.layer_heatmap, (), False, True),
     "update_ratio": (figures.update_ratio_figure, (), False, True),
+    "batch_precision": (figures.batch_precision_figure, ("batch_size", "precision"), True, False),
     "metrics": (figures.metrics_figure, (), False, False),   # the other eval metrics, drawn when a run has any
 }
 _figure_cache: OrderedDict[tuple, tuple[tuple, go.Figure]] = OrderedDict()
@@ -67,13 +68,13 @@ FIGURE_CACHE_SIZE = 96
 
 def _signature(data: ChartData, names: tuple[str, ...], markers: bool, layers: bool, log_y: bool) -> tuple:
     """Changes whenever what a figure draws changes (length, last point and sum of each series)."""
-    sig: list[Any] = [log_y]
+    sig: list[Any] = [log_y, data.x_title]
     for n in names:
         x, y = data.series.get(n, ((), ()))
         y = np.asarray(y, dtype=float)
         sig.append((len(x), float(x[-1]) if len(x) else None, float(np.nansum(y)) if len(y) else None))
     if markers:
-        sig.append(tuple((m["step"], m["label"]) for m in data.markers))
+        sig.append(tuple((m.get("x", m["step"]), m["label"]) for m in data.markers))
     if layers:
         L = data.layers
         sig.append((len(L), int(L["step"].iloc[-1]) if len(L) else None,
@@ -106,7 +107,7 @@ def build_figures(key: str, data: ChartData, log_y: bool = True, smooth: float =
         fig = builder(data, log_y=log_y) if name == "loss" else builder(data)
         if name in SMOOTHED and smooth > 0:
             add_smoothed(fig, SMOOTHED[name], smooth)
-        fig.update_layout(uirevision=f"{key}|{name}|{'log' if log_y and name == 'loss' else 'lin'}")
+        fig.update_layout(uirevision=f"{key}|{name}|{'log' if log_y and name == 'loss' else 'lin'}|{data.x_title}")
         if not cache:
             out[name] = fig
             continue
@@ -150,11 +151,14 @@ def add_smoothed(fig: go.Figure, trace_name: str, weight: float) -> None:
 
 
 def live_payload(run: Any, log_y: bool = True, n_out: int = N_OUT, cache: bool = True,
-                 smooth: float = 0.0) -> LivePayload:
-    """Refresh ``run`` (a run handle: workbench.handle) and build the live view's figures."""
+                 smooth: float = 0.0, x: str = "step") -> LivePayload:
+    """Refresh ``run`` (a run handle: workbench.handle) and build the live view's figures, against ``x``
+    (workbench.chartdata.X_AXES: step, time or samples)."""
     run.refresh()
     snap = run.snapshot()
-    data = chart_data(run, n_out=n_out)
+    c = snap.get("controls") or {}
+    data = chart_data(run, n_out=n_out, x=x,
+                      samples_per_row=int(c.get("accumulate") or 1) * int(snap.get("world_size") or 1))
     key = str(run.run_dir)
     figs = build_figures(key, data, log_y, smooth, cache)
     _, lr = data.series.get("lr", ([], []))

@@ -1,4 +1,4 @@
-"""The Live tab: status, headline numbers and the six charts of the selected run, refreshed every second by a
+"""The Live tab: status, headline numbers and the charts of the selected run, refreshed every second by a
 fragment.
 
 The fragment reads everything it shows from the run at each refresh (status, controls, alerts), never from
@@ -17,17 +17,22 @@ from .charts import chart_grid
 from .sidebar import where_text
 from .ui import STATUS_COLORS, guarded, name_of, ss
 
-CHARTS = ("loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio", "metrics")   # two to a row
+CHARTS = ("loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio", "batch_precision",
+          "metrics")   # two to a row
+X_LABELS = {"step": "Step", "time": "Wall time", "samples": "Samples"}
 
 
 def live_ui(run_key: str | None) -> None:
     if not run_key:
         st.info("No run yet. Click **Start the demo run** in the sidebar, or launch one in the Launch tab.")
         return
-    c1, c2, c3, c4 = st.columns([1, 2, 1, 1], vertical_alignment="bottom")
+    c1, c2, c5, c3, c4 = st.columns([1, 2, 2, 1, 1], vertical_alignment="bottom")
     c1.toggle("Log-scale loss", key="live_log_y", value=True)
     c2.slider("Smoothing", 0.0, 0.99, key="live_smooth", value=0.0, step=0.01,
               help="Exponential moving average of the train loss and grad norm, as in TensorBoard (0: raw)")
+    c5.segmented_control("X axis", list(X_LABELS), format_func=X_LABELS.get, key="live_x", default="step",
+                         help="Steps; seconds since the run's first step; or samples trained on (batch size x "
+                              "gradient accumulation x processes, summed over the steps)")
     run = handle.open_run(run_key)
     c3.download_button("Steps CSV", data=lambda: run.history.to_csv(index=False), key="live_csv_steps",
                        file_name=f"{name_of(run_key)}-steps.csv", mime="text/csv", icon=":material/download:",
@@ -36,14 +41,15 @@ def live_ui(run_key: str | None) -> None:
                        file_name=f"{name_of(run_key)}-evals.csv", mime="text/csv", icon=":material/download:")
     # an ended run is looked at less often: a resume shows within a few seconds all the same
     every = settings.SLOW_REFRESH_S if run.snapshot()["status"] in ENDED else settings.LIVE_REFRESH_S
-    st.fragment(run_every=every)(live_view)(run_key, bool(ss.live_log_y), float(ss.live_smooth))
+    st.fragment(run_every=every)(live_view)(run_key, bool(ss.live_log_y), float(ss.live_smooth),
+                                            ss.get("live_x") or "step")   # a click on the chosen segment clears it
 
 
-def live_view(run_key: str, log_y: bool, smooth: float = 0.0) -> None:
+def live_view(run_key: str, log_y: bool, smooth: float = 0.0, x: str = "step") -> None:
     """The live view of one run (a fragment: it alone refreshes while the run goes)."""
     with guarded("live view"):
         run = handle.open_run(run_key)
-        p = live.live_payload(run, log_y=log_y, smooth=smooth)
+        p = live.live_payload(run, log_y=log_y, smooth=smooth, x=x)
         snap = p.snapshot
         status = snap["status"]
         ev = snap.get("last_eval") or {}

@@ -101,12 +101,18 @@ def test_start_demo_creates_a_run(app, runs_root):
     wait_for(lambda: tr.step_count > 0)
     app.run()
     assert not app.exception
-    grid = chart_args(app, "live_charts")  # loss, lr, grad norm, val acc, layer heatmap, update ratio
-    assert grid["order"] == ["loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio"]
+    grid = chart_args(app, "live_charts")
+    assert grid["order"] == ["loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio", "batch_precision"]
     # each chart keeps the user's zoom while it shows this run (plotly's uirevision names the run and chart)
     revs = {n: json.loads(f)["layout"]["uirevision"] for n, f in grid["figures"].items()}
-    assert len(set(revs.values())) == 6 and all(str(tr.run_dir) in r for r in revs.values())
+    assert len(set(revs.values())) == 7 and all(str(tr.run_dir) in r for r in revs.values())
     assert grid["plotly_src"].endswith("/plotly.min.js")
+    # the x axis counts samples on request: every chart's title says so, and the zoom starts afresh
+    app.segmented_control(key="live_x").set_value("samples").run()
+    assert not app.exception
+    after = {n: json.loads(f)["layout"] for n, f in chart_args(app, "live_charts")["figures"].items()}
+    assert {lay["xaxis"]["title"]["text"] for lay in after.values()} == {"samples trained on"}
+    assert all(after[n]["uirevision"] != revs[n] for n in after)
 
 
 def launch_long_run(app: AppTest, runs_root: Path):
@@ -182,7 +188,7 @@ def test_runs_list_shows_a_run_from_a_separate_cli_process(app, cli_run, monkeyp
     # the live view's data+figures function (what the fragment refreshes) on that run, read from its directory
     p = live.live_payload(handle.open_run(root / name))
     assert p.snapshot["status"] == "finished" and p.snapshot["step"] == 20
-    assert set(p.figures) == {"loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio"}
+    assert set(p.figures) == {"loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio", "batch_precision"}
     assert 0 < p.data.points <= live.N_OUT
     assert any(m["kind"] == "checkpoint" for m in p.data.markers)
     # a refresh with nothing new reuses the figures; they are the ones the shared builders draw
@@ -278,7 +284,7 @@ def test_diagnosis_action_checkpoint_fork_and_compare(app, runs_root):
     app.run()
     app.radio(key="launch_source").set_value("Scenario").run()
     app.selectbox(key="launch_scenario").set_value("lr_too_high").run()
-    assert app.text_input(key="launch_lr").value == "3"
+    assert app.text_input(key="launch_lr").value == "10"
     app.button(key="launch_start").click().run()
     assert not app.exception and not errors(app)
     tr = only_trainer(runs_root)

@@ -375,3 +375,34 @@ def test_an_alert_lives_open_updated_closed_and_reopens_only_after_a_cool_down()
     again.load_state_dict(d.state_dict())
     assert [(a.id, a.closed_step) for a in again.alerts] == [(first.id, 60), (second.id, 430)]
     assert again.episodes["plateau"] == 2 and again.cooling("plateau", 430 + 200 * 4 - 10)
+
+
+def test_overfitting_reads_a_noisy_train_loss_over_enough_steps() -> None:
+    """Two overlapping moons after 19,000 steps: the val loss drifts 20% above a lucky-low early best while the
+    train loss is flat under heavy batch-to-batch noise. A 20-step median of that noise can land 20% below
+    the one at the best eval and read as "the train loss fell"; the median of ``train_window`` steps cannot."""
+    from workbench.diagnosis.base import Signals
+    from workbench.diagnosis.overfitting import Overfitting
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 19_001, dtype=float)
+    train = 0.07 * rng.lognormal(0.0, 0.6, len(steps))          # flat, each batch's loss off by up to 2x
+    es = np.arange(200, 19_001, 200, dtype=float)
+    val = 0.075 + 0.002 * rng.standard_normal(len(es)) + np.linspace(0, 0.02, len(es))
+    # the lucky eval falls where the 20 steps before it happened to be hard batches
+    best = 1 + int(np.argmax([np.median(train[int(e) - 20:int(e)]) for e in es[1:10]]))
+    val[best] = 0.069
+    quiet = Overfitting()
+    fired_short = False
+    for n in range(10, len(es) + 1):
+        upto = int(es[n - 1])
+        s = Signals(step=upto, history={"train_loss": train[max(0, upto - 2000):upto],
+                                        "step": steps[max(0, upto - 2000):upto]},
+                    evals={"val_loss": val[:n], "step": es[:n]}, layers=None, task="classification", n_classes=2,
+                    planned_steps=None, controls={"lr": 3e-3}, initial_loss=0.69)
+        assert quiet.check(s) is None, f"fired at step {upto}"
+        short = Overfitting()
+        short.train_window = 20
+        short.best_step, short.best_train = int(es[best]), float(np.median(train[int(es[best]) - 20:int(es[best])]))
+        fired_short |= short.check(s) is not None
+    assert fired_short        # the same series, read over 20 steps, does fire: the window is what holds it

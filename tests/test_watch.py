@@ -40,7 +40,7 @@ def test_pause_policy_explains_then_the_action_recovers(runs_root):
     # which does not exist yet -> refused with a reason; lowering the lr (action 1) works
     req = tr.apply_action(div.id, 1).wait(10)
     assert req.status == "applied"
-    assert tr.controls.lr == pytest.approx(0.3)
+    assert tr.controls.lr == pytest.approx(1.0)   # a tenth of the scenario's lr
     with pytest.raises(ValueError, match="index"):
         tr.apply_action(div.id, 7)
     tr.stop()

@@ -15,7 +15,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-SERIES = ("train_loss", "lr", "grad_norm", "val_loss", "val_acc")
+SERIES = ("train_loss", "lr", "grad_norm", "val_loss", "val_acc", "batch_size", "precision")
+# what the charts' x axis can count, and its title: the step (as TensorBoard's STEP), the wall time since
+# the run's first step (RELATIVE) and the samples trained on (W&B's custom x-axis)
+X_AXES = {"step": "step", "time": "seconds since the first step", "samples": "samples trained on"}
 MARKER_KINDS = ("control", "checkpoint", "alert", "rollback", "policy", "fork", "resume", "status", "command")
 MAX_CHANGE_MARKERS = 40       # newest control changes, alerts, rollbacks, ... drawn on the charts
 MAX_CHECKPOINT_MARKERS = 12   # newest checkpoints (periodic ones would crowd a long run's charts)
@@ -30,23 +33,79 @@ class ChartData:
 
     series: dict[str, tuple[np.ndarray, np.ndarray]]
     layers: pd.DataFrame                    # step, layer, grad_norm, update_ratio (steps thinned to <= max_cols)
-    markers: list[dict[str, Any]] = field(default_factory=list)   # step, kind, label
+    markers: list[dict[str, Any]] = field(default_factory=list)   # step, x, kind, label
     points: int = 0                         # most points in any one trace
+    x_title: str = "step"                   # what the x of every series, layer row and marker counts
 
 
-def chart_data(run: Any, n_out: int = 2000, max_cols: int = 200) -> ChartData:
+def chart_data(run: Any, n_out: int = 2000, max_cols: int = 200, x: str = "step",
+               samples_per_row: int = 1) -> ChartData:
     """Downsampled series of a run (anything with ``series``, ``layer_history`` and ``events``), plus its
-    per-layer statistics at <= ``max_cols`` logged steps and its newest change/checkpoint/alert markers."""
+    per-layer statistics at <= ``max_cols`` logged steps and its newest change/checkpoint/alert markers.
+
+    ``x`` picks what the x values count (:data:`X_AXES`): steps, seconds since the first step, or samples
+    trained on — the logged batch size of every step times ``samples_per_row`` (gradient accumulation x
+    processes, which the step rows do not hold)."""
+    if x not in X_AXES:
+        raise ValueError(f"x axis {x!r}: allowed: {', '.join(X_AXES)}")
     names = [*SERIES, *(n for n in getattr(run, "eval_names", ()) if n not in SERIES)]   # and the other metrics
     series = {name: run.series(name, n_out) for name in names}
+    series["batch_size"], series["precision"] = changes_only(*series["batch_size"]), \
+        changes_only(*series["precision"])
     layers = run.layer_history
     if not layers.empty:
         layers = layers[thin_steps(layers["step"].to_numpy(), max_cols)]
         layers = layers[["step", "layer", "grad_norm", "update_ratio"]].reset_index(drop=True)
     events = run.events
     markers = markers_of(events[events["kind"].isin(MARKER_KINDS)].to_dict("records") if len(events) else [])
-    points = max((len(x) for x, _ in series.values()), default=0)
-    return ChartData(series=series, layers=layers, markers=markers, points=points)
+    data = ChartData(series=series, layers=layers, markers=markers)
+    if x != "step":
+        clock = run.series("time", n_out) if x == "time" else samples_clock(*run.series("batch_size", n_out),
+                                                                             samples_per_row)
+        rebase(data, clock, X_AXES[x])
+    data.points = max((len(xs) for xs, _ in series.values()), default=0)
+    return data
+
+
+def changes_only(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A piecewise-constant series (batch size, precision) reduced to the points where it changes and its
+    last point: drawn as steps (``line_shape="hv"``), it is the same curve in a few points."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(y) < 3:
+        return x, y
+    keep = np.r_[True, y[1:] != y[:-1]]
+    keep[-1] = True
+    return x[keep], y[keep]
+
+
+def samples_clock(steps: np.ndarray, batch: np.ndarray, per_row: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(step, samples trained on by the end of that step) from a (downsampled) batch-size series: the batch
+    size at a point holds for the steps since the previous point (exact where no point was dropped)."""
+    steps, batch = np.asarray(steps, dtype=float), np.nan_to_num(np.asarray(batch, dtype=float))
+    if not len(steps):
+        return steps, steps
+    width = np.diff(steps, prepend=0.0)
+    return steps, np.cumsum(batch * width) * per_row
+
+
+def rebase(data: ChartData, clock: tuple[np.ndarray, np.ndarray], title: str) -> None:
+    """Move every x of ``data`` from steps to the clock's values (interpolated between its points)."""
+    cx, cy = (np.asarray(a, dtype=float) for a in clock)
+    ok = np.isfinite(cx) & np.isfinite(cy)
+    cx, cy = cx[ok], cy[ok]
+    if not len(cx):
+        return
+    origin = cy[0] if title == X_AXES["time"] else 0.0
+
+    def at(steps: Any) -> np.ndarray:
+        return np.interp(np.asarray(steps, dtype=float), cx, cy) - origin
+
+    data.series = {n: (at(xs), ys) for n, (xs, ys) in data.series.items()}
+    if not data.layers.empty:
+        data.layers = data.layers.assign(step=at(data.layers["step"].to_numpy()))
+    for m in data.markers:
+        m["x"] = float(at(m["step"]))
+    data.x_title = title
 
 
 def thin_steps(steps: np.ndarray, max_cols: int) -> np.ndarray:
@@ -70,7 +129,7 @@ def markers_of(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     saves = [i for i, e in enumerate(ev) if e["kind"] == "checkpoint" and i not in best[:-1]]
     saves = saves[-MAX_CHECKPOINT_MARKERS:]   # of the "best" saves only the newest: the others are superseded
     others = [i for i, e in enumerate(ev) if e["kind"] != "checkpoint"][-MAX_CHANGE_MARKERS:]
-    return [{"step": int(ev[i]["step"]), "kind": ev[i]["kind"],
+    return [{"step": int(ev[i]["step"]), "x": float(ev[i]["step"]), "kind": ev[i]["kind"],
              "label": marker_label(ev[i]["kind"], ev[i]["data"], ev[i].get("source"))} for i in sorted(saves + others)]
 
 

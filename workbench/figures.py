@@ -28,6 +28,7 @@ LAYOUT = dict(height=300, margin=dict(l=60, r=40, t=62, b=40),
 PLAIN_TICKS = dict(tickformat="~g")
 EXP_TICKS = dict(tickformat=".0e")
 ACCURACY_RANGE = (0, 1.02)
+PRECISIONS = {0.0: "fp32", 1.0: "bf16", 2.0: "fp16"}   # the step rows' precision codes (runlog.PRECISION_CODES)
 EMPTY_NOTE = dict(xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font=dict(color="#888"))
 
 
@@ -48,16 +49,17 @@ def _add_markers(fig: go.Figure, data: ChartData) -> None:
     hover_x, hover_text, hover_color = [], [], []
     for m in data.markers:
         color = MARKER_COLORS.get(m["kind"], "#999")
-        shapes.append(dict(type="line", xref="x", yref="paper", x0=m["step"], x1=m["step"], y0=0, y1=1,
+        x = m.get("x", m["step"])
+        shapes.append(dict(type="line", xref="x", yref="paper", x0=x, x1=x, y0=0, y1=1,
                            line=dict(color=color, width=1, dash="dot" if m["kind"] == "checkpoint" else "dash"),
                            layer="below"))
-        hover_x.append(m["step"])
-        hover_text.append(m["label"])
+        hover_x.append(x)
+        hover_text.append(f"step {m['step']}: {m['label']}")
         hover_color.append(color)
     fig.update_layout(shapes=shapes)
     fig.add_trace(go.Scatter(x=hover_x, y=[1.0] * len(hover_x), yaxis="y2", mode="markers", name="events",
                              marker=dict(symbol="triangle-down", size=9, color=hover_color),
-                             text=hover_text, hovertemplate="step %{x}: %{text}<extra></extra>"))
+                             text=hover_text, hovertemplate="%{text}<extra></extra>"))
     fig.update_layout(yaxis2=dict(overlaying="y", range=[0, 1.05], visible=False, fixedrange=True))
 
 
@@ -69,7 +71,7 @@ def loss_figure(data: ChartData, log_y: bool = False, title: str = "Loss") -> go
     x, y = _xy(data, "val_loss")
     fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name="val loss", line=dict(color=COLORS["val"])))
     fig.update_yaxes(type="log" if log_y else "linear", title="loss", **PLAIN_TICKS)
-    fig.update_xaxes(title="step")
+    fig.update_xaxes(title=data.x_title)
     _add_markers(fig, data)
     return fig
 
@@ -86,7 +88,7 @@ def line_figure(data: ChartData, name: str, title: str, *, log_y: bool = False, 
     mode = "lines+markers" if name.startswith("val_") else "lines"
     fig.add_trace(go.Scatter(x=x, y=y, mode=mode, name=name, line=dict(color=color)))
     fig.update_yaxes(type="log" if log_y else "linear", title=y_title or name, **(ticks or {}))
-    fig.update_xaxes(title="step")
+    fig.update_xaxes(title=data.x_title)
     _add_markers(fig, data)
     return fig
 
@@ -119,6 +121,26 @@ def other_metrics(data: ChartData) -> list[str]:
     return [n for n in data.series if n.startswith("val_") and n not in ("val_loss", "val_acc")]
 
 
+def batch_precision_figure(data: ChartData) -> go.Figure:
+    """The batch size (left axis) and the precision (right axis, by name) in force at each step, drawn as
+    steps: the two controls that change the meaning of a step's loss and speed when they change mid-run."""
+    fig = go.Figure(layout=dict(LAYOUT, title=_title("Batch size and precision")))
+    x, y = _xy(data, "batch_size")
+    fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line_shape="hv", name="batch size",
+                             line=dict(color=COLORS["train"])))
+    x, y = _xy(data, "precision")
+    fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line_shape="hv", name="precision", yaxis="y3",
+                             line=dict(color=COLORS["val"], dash="dot"), customdata=[PRECISIONS.get(v, "") for v in y],
+                             hovertemplate="%{customdata}<extra>precision</extra>"))
+    fig.update_yaxes(title="batch size", rangemode="tozero")
+    fig.update_layout(yaxis3=dict(overlaying="y", side="right", range=[-0.3, len(PRECISIONS) - 0.7], fixedrange=True,
+                                  tickvals=list(PRECISIONS), ticktext=list(PRECISIONS.values()), showgrid=False))
+    fig.update_xaxes(title=data.x_title)
+    fig.update_layout(margin=dict(LAYOUT["margin"], r=64))   # room for the precision names on the right
+    _add_markers(fig, data)
+    return fig
+
+
 def metrics_figure(data: ChartData) -> go.Figure:
     """The other evaluation metrics, one line per metric (workbench.evalmetrics); a note while there are none."""
     fig = go.Figure(layout=dict(LAYOUT, title=_title("Validation metrics"), hovermode="x unified"))
@@ -128,7 +150,7 @@ def metrics_figure(data: ChartData) -> go.Figure:
     if not fig.data:
         fig.update_layout(annotations=[dict(EMPTY_NOTE, text="no other metrics: perplexity, F1/AUC and your "
                                                               "metrics= appear here")])
-    fig.update_xaxes(title="step")
+    fig.update_xaxes(title=data.x_title)
     return fig
 
 
@@ -139,10 +161,11 @@ def layer_heatmap(data: ChartData, value: str = "grad_norm", title: str | None =
         logz = np.where(z > 0, np.log10(z), np.nan)
     fig = go.Figure(layout=dict(LAYOUT, title=_title(title or f"Per-layer {value.replace('_', ' ')} (log10)"),
                                 height=max(250, 40 + 22 * len(layers)), hovermode="closest"))
-    fig.add_trace(go.Heatmap(x=steps.astype(int).tolist(), y=layers, z=np.where(np.isfinite(logz), logz, None).tolist(),
+    xs = steps.astype(int).tolist() if data.x_title == "step" else steps.tolist()
+    fig.add_trace(go.Heatmap(x=xs, y=layers, z=np.where(np.isfinite(logz), logz, None).tolist(),
                              colorscale="Viridis", colorbar=dict(title="log10"),
-                             hovertemplate="step %{x}<br>%{y}<br>log10 = %{z:.2f}<extra></extra>"))
-    fig.update_xaxes(title="step")
+                             hovertemplate=f"{data.x_title} %{{x}}<br>%{{y}}<br>log10 = %{{z:.2f}}<extra></extra>"))
+    fig.update_xaxes(title=data.x_title)
     fig.update_yaxes(autorange="reversed")
     return fig
 
@@ -157,7 +180,7 @@ def update_ratio_figure(data: ChartData) -> go.Figure:
                                      name=name))
     fig.add_hline(y=1e-3, line=dict(color="#999", dash="dot"), annotation_text="~1e-3 healthy")
     fig.update_yaxes(type="log", title="ratio", **EXP_TICKS)
-    fig.update_xaxes(title="step")
+    fig.update_xaxes(title=data.x_title)
     return fig
 
 
@@ -169,7 +192,7 @@ def compare_figure(runs: Mapping[str, ChartData], metric: str = "train_loss", lo
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if metric.startswith("val_") else "lines",
                                  name=name))
     fig.update_yaxes(type="log" if log_y else "linear", title=metric, **(PLAIN_TICKS if log_y else {}))
-    fig.update_xaxes(title="step")
+    fig.update_xaxes(title=next((d.x_title for d in runs.values()), "step"))
     return fig
 
 
@@ -189,7 +212,7 @@ def all_figures(data: ChartData, log_y: bool = False) -> dict[str, go.Figure]:
     """Every chart of a run, by name (the dashboard and the static notebook fallback use this)."""
     return {"loss": loss_figure(data, log_y=log_y), "lr": lr_figure(data), "grad_norm": grad_norm_figure(data),
             "val_acc": accuracy_figure(data), "layer_grad_norm": layer_heatmap(data),
-            "update_ratio": update_ratio_figure(data), **({"metrics": metrics_figure(data)} if other_metrics(data)
+            "update_ratio": update_ratio_figure(data), "batch_precision": batch_precision_figure(data), **({"metrics": metrics_figure(data)} if other_metrics(data)
                                                           else {})}
 
 

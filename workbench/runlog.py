@@ -181,7 +181,7 @@ class RunLog:
     def series(self, y: str, n_out: int = 2000) -> tuple[np.ndarray, np.ndarray]:
         if y in self.extra_evals:
             return self.extra_evals[y].series("value", "step", n_out)
-        store = self.evals_store if y in EVAL_COLUMNS else self.steps
+        store = self.evals_store if y in EVAL_COLUMNS and y != "time" else self.steps   # time: the steps' clock
         return store.series(y, "step", n_out)
 
     # ------------------------------------------------------------------ resume

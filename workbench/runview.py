@@ -23,11 +23,11 @@ from .chartdata import RATE_COLUMNS, RATE_TAIL, samples_per_s
 from .diagnosis.alert import health_of
 from .metrics import SeriesStore, downsample
 from .requests import ENDED, RunFacts, make_request
-from .runlog import wall_clock
+from .runlog import PRECISION_CODES, wall_clock
 from . import cost
 from .rundir import DB_NAME, RunDB
 
-STEP_SERIES = ("step", "epoch", "train_loss", "lr", "batch_size", "grad_norm", "samples_per_s")
+STEP_SERIES = ("step", "epoch", "train_loss", "lr", "batch_size", "precision", "grad_norm", "samples_per_s", "time")
 
 
 class RunView:
@@ -76,6 +76,7 @@ class RunView:
         new = self._db.read_steps(since_step=self._last_step)
         if new.empty:
             return 0
+        new = new.assign(precision=new["precision"].map(PRECISION_CODES))   # as a Trainer's series: codes
         self._steps.extend({c: new[c].to_numpy(dtype=float) for c in STEP_SERIES})
         self._last_step = int(new["step"].iloc[-1])
         return len(new)

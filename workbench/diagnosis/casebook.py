@@ -159,9 +159,12 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("healthy_x3", _digits_mlp(max_steps=750, max_epochs=None)),
     Case("cosine_to_end", _digits_mlp(model_options={"depth": 2, "width": 128}, schedule="warmup_cosine",
                                       batch_size=64, max_epochs=40, eval_every=50)),
+    # healthy for its first ~15,000 steps; past them, on some seeds, the val loss creeps 20-30% above its best
+    # while the train loss still falls (the model grows over-confident on the points where the moons overlap,
+    # val accuracy flat): a late, mild overfit that the overfitting alert may name; any other warning is false
     Case("unbounded_moons", lambda seed: dict(dataset="moons", dataset_options={"n_samples": 5000}, model="mlp",
                                               lr=3e-3, max_steps=None, max_epochs=None, eval_every=200),
-         stop_at=UNBOUNDED_STEPS),
+         also=("overfitting",), stop_at=UNBOUNDED_STEPS),
     # the dashboard run: digits with no limit memorises its training set and its val loss climbs
     # 2.5x above its best — overfitting is the right call there, once; anything else is a false alarm
     Case("unbounded_digits", _digits_mlp(max_steps=None, max_epochs=None, eval_every=200), expect="overfitting",

@@ -18,6 +18,10 @@ class Overfitting(Detector):
     least ``min_excess`` x the reference loss (log(C) for a classifier, the starting loss otherwise) — a val
     loss of 0.143 drifting to 0.165 at the end of a long cosine run is a converged model, not a memorising one.
 
+    The train loss at the best eval and at the latest is the median of ``train_window`` steps: on a noisy
+    problem (two moons whose classes overlap) a 20-step median swings 10-20% from one eval to the next, as much
+    as the fall being judged.
+
     A median and a rank trend, rather than "rose N evals in a row", keep one eval that happens to dip from
     hiding a climb that doubles the val loss (such a dip depends on the run's exact float trajectory), while
     a val loss that only wobbles above its best, or drifts up while the train loss stands still, stays quiet.
@@ -44,6 +48,7 @@ class Overfitting(Detector):
     memorised = 0.25
     min_gap = 0.15
     stall = 0.05
+    train_window = 100  # steps whose median is "the train loss" at the best eval and at the latest
 
     def reset(self) -> None:
         super().reset()
@@ -57,13 +62,14 @@ class Overfitting(Detector):
         if len(v) < self.patience + 2 or not np.isfinite(recent).all():
             return None
         h, hs = s.history["train_loss"], s.history["step"]
-        after = h[-20:]
+        after = h[-self.train_window:]
         if not len(after) or not np.isfinite(after).all():
             return None
         b = int(np.nanargmin(v))
-        best, now, t1 = float(v[b]), median(recent), median(after)
+        best = float(v[b])
+        now, t1 = median(recent), median(after)
         best_step = int(vs[b])
-        before = h[(hs > best_step - 20) & (hs <= best_step)]
+        before = h[(hs > best_step - self.train_window) & (hs <= best_step)]
         if len(before):   # read while it is in the history window: a climb can outlast the window
             self.best_step, self.best_train = best_step, median(before)
         rise = self._rise(s, v, vs, b, best, now, h, hs, t1)
@@ -105,7 +111,7 @@ class Overfitting(Detector):
         gap = now - t1
         then = median(v[k - self.smooth + 1:k + 1])
         h, hs = s.history["train_loss"], s.history["step"]
-        before = h[(hs > int(vs[k]) - 20) & (hs <= int(vs[k]))]
+        before = h[(hs > int(vs[k]) - self.train_window) & (hs <= int(vs[k]))]
         if not len(before) or not np.isfinite(before).all():
             return None
         gap_then = then - median(before)
