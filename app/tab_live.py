@@ -15,7 +15,7 @@ from workbench.requests import ENDED
 from . import live, settings
 from .charts import chart_grid
 from .sidebar import where_text
-from .ui import STATUS_COLORS, guarded, name_of, ss
+from .ui import STATUS_COLORS, every, guarded, name_of, ss
 
 CHARTS = ("loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio", "batch_precision",
           "metrics")   # two to a row
@@ -40,8 +40,8 @@ def live_ui(run_key: str | None) -> None:
     c4.download_button("Evals CSV", data=lambda: run.evals.to_csv(index=False), key="live_csv_evals",
                        file_name=f"{name_of(run_key)}-evals.csv", mime="text/csv", icon=":material/download:")
     # an ended run is looked at less often: a resume shows within a few seconds all the same
-    every = settings.SLOW_REFRESH_S if run.snapshot()["status"] in ENDED else settings.LIVE_REFRESH_S
-    st.fragment(run_every=every)(live_view)(run_key, bool(ss.live_log_y), float(ss.live_smooth),
+    period = settings.SLOW_REFRESH_S if run.snapshot()["status"] in ENDED else settings.LIVE_REFRESH_S
+    st.fragment(run_every=every("live", period))(live_view)(run_key, bool(ss.live_log_y), float(ss.live_smooth),
                                             ss.get("live_x") or "step")   # a click on the chosen segment clears it
 
 

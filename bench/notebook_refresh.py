@@ -4,8 +4,8 @@
 
 A real Trainer (logistic regression on ``moons``, batch 8, one intra-op thread: a tiny model gains nothing
 from more, and the second core is left to the panel) trains N steps (default 100,000) in its background
-thread. A ``workbench.notebook.Panel`` watches it with its own thread poller at the defaults (status at most 5 Hz,
-charts at most 1 Hz), as in a notebook; every refresh that redraws the charts is timed, wall clock and the
+thread. A ``workbench.notebook.Panel`` watches it with its own thread poller at the defaults (status at most 2 Hz,
+charts at most every 2 s), as in a notebook; every refresh that redraws the charts is timed, wall clock and the
 poller thread's own CPU time (wall minus CPU is time spent waiting for the GIL or a core) (status, controls, ``chart_data`` from the
 metric store's downsampled series, the six FigureWidgets' trace updates in ``batch_update``, alerts,
 checkpoint table). Live changes (lr, batch size) and periodic checkpoints add markers along the way.
@@ -34,9 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2,000 steps (CI smoke run)")
     ap.add_argument("--steps", type=int, default=100_000)
-    ap.add_argument("--interval", type=float, default=0.2, help="poller interval in seconds (0.2 = 5 Hz)")
-    ap.add_argument("--chart-interval", type=float, default=1.0, help="seconds between chart redraws (panel default)")
-    ap.add_argument("--n-out", type=int, default=2000, help="points per downsampled series")
+    ap.add_argument("--interval", type=float, default=0.5, help="poller interval in seconds (0.5 = 2 Hz)")
+    ap.add_argument("--chart-interval", type=float, default=2.0, help="seconds between chart redraws (panel default)")
+    ap.add_argument("--n-out", type=int, default=1000, help="points per downsampled series (panel default)")
     args = ap.parse_args()
     steps = 2_000 if args.quick else args.steps
     torch.set_num_threads(1)

@@ -9,8 +9,8 @@ server's real kernel, as a user's would. Each side trains the same CLI-like run 
 waits with ``await watch(tr)``:
 
 * alone: no panel (JupyterLab open on the notebook, idle);
-* watched: ``tr.panel()`` displayed in the cell, drawn live by the browser (status at <= 5 Hz, charts at
-  <= 1 Hz), every widget and chart update going through the kernel's comm channel to Chromium.
+* watched: ``tr.panel()`` displayed in the cell, drawn live by the browser (status at <= 2 Hz, charts
+  every 2 s at most), every widget and chart update going through the kernel's comm channel to Chromium.
 
 Sides alternate (alone, watched, then watched, alone, ...) for ``--rounds`` rounds. A step's time is the
 difference of consecutive ``history["time"]`` rows (the first 50 steps of each run left out). The table

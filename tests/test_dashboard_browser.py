@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -196,13 +197,23 @@ LOSS_XRANGE_JS = """() => {
 }"""
 
 
-def _browser(pw, chromium):
-    browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-    try:
-        return browser, browser.new_page(viewport={"width": 1400, "height": 1000})
-    except BaseException:
-        browser.close()
-        raise
+@contextmanager
+def _page(chromium, failure_png: str):
+    """(playwright's sync_api, a 1400x1000 page) in a fresh Chromium; a full-page screenshot goes to
+    test-artifacts/``failure_png`` when the test fails, and the browser is closed whatever happens."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            try:
+                yield sync_api, page
+            except BaseException:
+                page.screenshot(path=str(ARTIFACTS / failure_png), full_page=True)
+                raise
+        finally:
+            browser.close()
 
 
 def _wait_for_refreshes(charts, n: int) -> None:
@@ -214,97 +225,79 @@ def _wait_for_refreshes(charts, n: int) -> None:
 
 @pytest.mark.parametrize("server", [["--demo"]], indirect=True)
 def test_demo_is_seen_training_zoom_holds_and_a_late_stop_is_answered(chromium, server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
     url, runs = server
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        browser, page = _browser(pw, chromium)
-        try:
-            page.goto(url)
-            # the first screen: the demo run, training, its loss curve growing
-            page.wait_for_function(f"({LIVE_HEADER_JS})().includes('running')", timeout=45_000)
-            frame_el, charts = live_charts(page)
-            charts.wait_for_function(f"({LOSS_LAST_STEP_JS})() > 0", timeout=30_000)
+    with _page(chromium, "dashboard-demo-failure.png") as (sync_api, page):
+        page.goto(url)
+        # the first screen: the demo run, training, its loss curve growing
+        page.wait_for_function(f"({LIVE_HEADER_JS})().includes('running')", timeout=45_000)
+        frame_el, charts = live_charts(page)
+        charts.wait_for_function(f"({LOSS_LAST_STEP_JS})() > 0", timeout=30_000)
+        _wait_for_refreshes(charts, 1)
+        assert "running" in page.evaluate(LIVE_HEADER_JS)
+        DOCS.mkdir(exist_ok=True)
+        page.screenshot(path=str(DOCS / "dashboard.png"))
+        assert "running" in page.evaluate(LIVE_HEADER_JS)  # still live after the screenshot
+
+        # a user's zoom on the live loss chart survives three refreshes, on the same plot (not a rebuilt one)
+        charts.evaluate("() => { document.getElementById('chart-loss').__kept = true; }")
+        box = charts.evaluate("""() => { const r = document.querySelector('#chart-loss .nsewdrag')
+                                                   .getBoundingClientRect();
+                                         return {x: r.x, y: r.y, width: r.width, height: r.height}; }""")
+        origin = frame_el.bounding_box()
+        x0, y = origin["x"] + box["x"], origin["y"] + box["y"] + box["height"] / 2
+        page.mouse.move(x0 + box["width"] * 0.25, y)
+        page.mouse.down()
+        page.mouse.move(x0 + box["width"] * 0.45, y, steps=8)
+        page.mouse.up()
+        zoomed = charts.evaluate(LOSS_XRANGE_JS)
+        assert zoomed and not zoomed[2], zoomed
+        _wait_for_refreshes(charts, 3)
+        after = charts.evaluate(LOSS_XRANGE_JS)
+        assert after[:2] == pytest.approx(zoomed[:2]) and not after[2] and after[3], (zoomed, after)
+
+        # minutes of live refreshes later, a click on Stop is answered
+        deadline = time.monotonic() + WATCH_S
+        while time.monotonic() < deadline:
             _wait_for_refreshes(charts, 1)
-            assert "running" in page.evaluate(LIVE_HEADER_JS)
-            DOCS.mkdir(exist_ok=True)
-            page.screenshot(path=str(DOCS / "dashboard.png"))
-            assert "running" in page.evaluate(LIVE_HEADER_JS)  # still live after the screenshot
-
-            # a user's zoom on the live loss chart survives three refreshes, on the same plot (not a rebuilt one)
-            charts.evaluate("() => { document.getElementById('chart-loss').__kept = true; }")
-            box = charts.evaluate("""() => { const r = document.querySelector('#chart-loss .nsewdrag')
-                                                       .getBoundingClientRect();
-                                             return {x: r.x, y: r.y, width: r.width, height: r.height}; }""")
-            origin = frame_el.bounding_box()
-            x0, y = origin["x"] + box["x"], origin["y"] + box["y"] + box["height"] / 2
-            page.mouse.move(x0 + box["width"] * 0.25, y)
-            page.mouse.down()
-            page.mouse.move(x0 + box["width"] * 0.45, y, steps=8)
-            page.mouse.up()
-            zoomed = charts.evaluate(LOSS_XRANGE_JS)
-            assert zoomed and not zoomed[2], zoomed
-            _wait_for_refreshes(charts, 3)
-            after = charts.evaluate(LOSS_XRANGE_JS)
-            assert after[:2] == pytest.approx(zoomed[:2]) and not after[2] and after[3], (zoomed, after)
-
-            # minutes of live refreshes later, a click on Stop is answered
-            deadline = time.monotonic() + WATCH_S
-            while time.monotonic() < deadline:
-                _wait_for_refreshes(charts, 1)
-            assert "running" in page.evaluate(LIVE_HEADER_JS)
-            sidebar = page.get_by_test_id("stSidebarUserContent")
-            sidebar.get_by_role("button", name="Stop", exact=True).click()
-            sidebar.get_by_text(re.compile(r"stop: (applied|pending)")).first.wait_for(timeout=10_000)
-            sidebar.get_by_text("stop: applied").first.wait_for(timeout=30_000)
-            page.wait_for_function(f"({LIVE_HEADER_JS})().includes('stopped')", timeout=30_000)
-        except BaseException:
-            page.screenshot(path=str(ARTIFACTS / "dashboard-demo-failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+        assert "running" in page.evaluate(LIVE_HEADER_JS)
+        sidebar = page.get_by_test_id("stSidebarUserContent")
+        sidebar.get_by_role("button", name="Stop", exact=True).click()
+        sidebar.get_by_text(re.compile(r"stop: (applied|pending)")).first.wait_for(timeout=10_000)
+        sidebar.get_by_text("stop: applied").first.wait_for(timeout=30_000)
+        page.wait_for_function(f"({LIVE_HEADER_JS})().includes('stopped')", timeout=30_000)
     assert 20_000 < (DOCS / "dashboard.png").stat().st_size < 400_000
 
 
 def test_checkpoint_controls_appear_without_a_rerun_and_the_fork_form_is_the_checkpoints(chromium, server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
     from workbench.runview import RunView
 
     url, runs = server
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        browser, page = _browser(pw, chromium)
-        try:
-            page.goto(url)
-            page.get_by_text("No run yet").first.wait_for(timeout=30_000)
-            page.get_by_role("tab", name="Launch").click()
-            page.get_by_text("Start paused").first.click()
-            page.get_by_role("button", name="Start", exact=True).click()
-            page.get_by_text("Started run").first.wait_for(timeout=30_000)
-            (run_dir,) = [p.parent for p in runs.glob("*/run.db")]
+    with _page(chromium, "dashboard-checkpoints-failure.png") as (sync_api, page):
+        page.goto(url)
+        page.get_by_text("No run yet").first.wait_for(timeout=30_000)
+        page.get_by_role("tab", name="Launch").click()
+        page.get_by_text("Start paused").first.click()
+        page.get_by_role("button", name="Start", exact=True).click()
+        page.get_by_text("Started run").first.wait_for(timeout=30_000)
+        (run_dir,) = [p.parent for p in runs.glob("*/run.db")]
 
-            page.get_by_role("tab", name="Checkpoints").click()
-            page.get_by_text("No checkpoint yet").first.wait_for(timeout=20_000)
-            # a checkpoint the page did not ask for (posted by another process): its controls come by themselves
-            view = RunView(run_dir)
-            try:
-                view.wait(view.command("checkpoint", source="api"), 20)
-                # then the run's batch size changes: the form must still show the checkpoint's
-                view.wait(view.set(source="api", batch_size=128), 20)
-            finally:
-                view.close()
-            fork = page.get_by_role("button", name="Fork into a new run")
-            fork.wait_for(timeout=20_000)
-            size = page.get_by_test_id("stMain").get_by_role("spinbutton", name="Batch size")
-            sync_api.expect(size).to_have_value("64", timeout=10_000)   # the checkpoint's, not the run's 128
-            fork.click()
-            page.get_by_text(re.compile(r"Forked .* from step \d+ with the checkpoint's controls")).first.wait_for(
-                timeout=30_000)
-        except BaseException:
-            page.screenshot(path=str(ARTIFACTS / "dashboard-checkpoints-failure.png"), full_page=True)
-            raise
+        page.get_by_role("tab", name="Checkpoints").click()
+        page.get_by_text("No checkpoint yet").first.wait_for(timeout=20_000)
+        # a checkpoint the page did not ask for (posted by another process): its controls come by themselves
+        view = RunView(run_dir)
+        try:
+            view.wait(view.command("checkpoint", source="api"), 20)
+            # then the run's batch size changes: the form must still show the checkpoint's
+            view.wait(view.set(source="api", batch_size=128), 20)
         finally:
-            browser.close()
+            view.close()
+        fork = page.get_by_role("button", name="Fork into a new run")
+        fork.wait_for(timeout=20_000)
+        size = page.get_by_test_id("stMain").get_by_role("spinbutton", name="Batch size")
+        sync_api.expect(size).to_have_value("64", timeout=10_000)   # the checkpoint's, not the run's 128
+        fork.click()
+        page.get_by_text(re.compile(r"Forked .* from step \d+ with the checkpoint's controls")).first.wait_for(
+            timeout=30_000)
     child = next(p.parent for p in runs.glob("*/run.db") if p.parent != run_dir)
     view = RunView(child)
     try:

@@ -128,14 +128,18 @@ class Panel(widgets.VBox):
     """Controls, live charts, diagnosis and checkpoints of one Trainer (see the module docstring).
 
     ``poll``: "auto" (an asyncio task in a kernel, else a thread), "asyncio", "thread", or None for no
-    poller (call :meth:`refresh` yourself). ``interval``: seconds between polls (0.2 = status at most 5 Hz).
+    poller (call :meth:`refresh` yourself). ``interval``: seconds between polls (0.5 = status at most 2 Hz:
+    each poll runs in the kernel's process, so it holds the GIL the training thread needs).
     ``chart_interval``: the poller redraws the charts at most this often (six plotly charts redrawn five
     times a second would keep a browser's main thread busy; the browser also acknowledges each chart
-    update, and a chart waits for that before it is sent again). ``n_out``: points per downsampled series.
+    update, and a chart waits for that before it is sent again; every 2 s, as the dashboard's, keeps what
+    the browser and the kernel spend on the panel under a tenth of the run's speed: bench/RESULTS.md, 7b).
+    ``n_out``: points per downsampled series (two per pixel of a 480 px chart; each one costs the kernel,
+    the comm channel and the browser at every redraw).
     """
 
-    def __init__(self, trainer: Trainer, *, poll: str | None = "auto", interval: float = 0.2,
-                 chart_interval: float = 1.0, n_out: int = 2000, log_y: bool = True) -> None:
+    def __init__(self, trainer: Trainer, *, poll: str | None = "auto", interval: float = 0.5,
+                 chart_interval: float = 2.0, n_out: int = 1000, log_y: bool = True) -> None:
         self.trainer = trainer
         self.trainers: list[Trainer] = [trainer]     # every run this panel has shown (forks, resumes)
         self.n_out = int(n_out)
