@@ -30,7 +30,7 @@ from app.tab_live import live_ui  # noqa: E402
 from app.tab_runs import runs_ui  # noqa: E402
 from app.tab_sweep import sweep_ui  # noqa: E402
 from app.tab_tensorboard import tensorboard_ui  # noqa: E402
-from app.ui import OPEN_TAB, attempt, guarded, select_run, ss  # noqa: E402
+from app.ui import attempt, guarded, select_run, ss  # noqa: E402
 from workbench import registry  # noqa: E402
 
 TABS = (":material/monitoring: Live", ":material/list: Runs", ":material/rocket_launch: Launch",
@@ -54,9 +54,9 @@ def main() -> None:
                 ("diagnosis", lambda: diagnosis_ui(run_key)), ("checkpoints", lambda: checkpoints_ui(run_key)),
                 ("compare", lambda: compare_ui(run_key)), ("tensorboard", lambda: tensorboard_ui(run_key)),
                 ("sweep", sweep_ui))
-    tabs = st.tabs(TABS, key="tab", on_change="rerun")   # a switch reruns the page, so the open tab is known
-    ss[OPEN_TAB] = next((name for tab, (name, _) in zip(tabs, sections) if tab.open), "live")
-    for tab, (title, draw) in zip(tabs, sections):
+    # Plain tabs: tracking the open one (key=, on_change="rerun") reruns the page at every switch, and a widget
+    # edited while that rerun runs comes back with every widget of the page reset (Streamlit 1.67)
+    for tab, (title, draw) in zip(st.tabs(TABS), sections):
         with tab, guarded(title):
             draw()
 

@@ -13,8 +13,10 @@ ENV_RUNS = "WORKBENCH_RUNS"        # runs root when no --runs is given (tests po
 ENV_DEMO = "WORKBENCH_DEMO"        # "1": start the demo run on launch (same as --demo)
 ENV_ALLOW = "WORKBENCH_ALLOW"      # more folders the page may use, os.pathsep-separated (same as --allow)
 DEFAULT_RUNS = "runs"
-LIVE_REFRESH_S = 2.0               # live view refresh while a run is going (see bench/RESULTS.md, 7b)
-SLOW_REFRESH_S = 3.0               # runs list, diagnosis, requests
+# Every tab's fragment refreshes whether or not its tab is open (Streamlit draws them all), and each refresh
+# re-renders in the browser: CPU taken from the run being watched on the same machine (bench/RESULTS.md, 7b)
+LIVE_REFRESH_S = 2.0               # live view refresh while a run is going
+SLOW_REFRESH_S = 5.0               # runs list, diagnosis, checkpoints, compare; an ended run's live view
 
 
 @dataclass(frozen=True)

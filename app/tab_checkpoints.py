@@ -15,7 +15,7 @@ import streamlit as st
 from workbench import handle, registry, runs
 
 from . import actions, settings
-from .ui import (attempt, control_inputs, every, flash, fmt_time, guarded, name_of, root, select_run, show_flash, ss,
+from .ui import (attempt, control_inputs, flash, fmt_time, guarded, name_of, root, select_run, show_flash, ss,
                  wanted_controls)
 
 
@@ -49,7 +49,7 @@ def checkpoints_ui(run_key: str | None) -> None:
     if not run_key:
         st.info("Select a run to see its checkpoints.")
         return
-    st.fragment(run_every=every("checkpoints", settings.SLOW_REFRESH_S))(checkpoints_view)(run_key)
+    st.fragment(run_every=settings.SLOW_REFRESH_S)(checkpoints_view)(run_key)
 
 
 def checkpoints_view(run_key: str) -> None:

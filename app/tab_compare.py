@@ -9,7 +9,7 @@ from workbench.chartdata import chart_data
 
 from . import compare, settings
 from .charts import chart_grid
-from .ui import every, guarded, name_of, root, ss
+from .ui import guarded, name_of, root, ss
 
 COMPARE_METRICS = ("train_loss", "val_loss", "val_acc", "lr", "grad_norm")
 
@@ -33,7 +33,7 @@ def compare_ui(run_key: str | None) -> None:
     if not chosen:
         st.info("Pick runs to overlay (forks and their parent, or any runs).")
         return
-    st.fragment(run_every=every("compare", settings.SLOW_REFRESH_S))(compare_view)(tuple(chosen), metric, log_y)
+    st.fragment(run_every=settings.SLOW_REFRESH_S)(compare_view)(tuple(chosen), metric, log_y)
 
 
 def compare_view(chosen: tuple[str, ...], metric: str, log_y: bool) -> None:

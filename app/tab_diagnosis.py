@@ -9,7 +9,7 @@ import streamlit as st
 from workbench import handle
 
 from . import actions, settings
-from .ui import SEVERITY_COLORS, attempt, every, guarded, record, show_flash
+from .ui import SEVERITY_COLORS, attempt, guarded, record, show_flash
 
 
 def cb_alert_action(run_key: str, alert: dict, index: int) -> None:
@@ -25,7 +25,7 @@ def diagnosis_ui(run_key: str | None) -> None:
         st.info("Select a run to see its diagnosis.")
         return
     show_flash("diagnosis")
-    st.fragment(run_every=every("diagnosis", settings.SLOW_REFRESH_S))(diagnosis_view)(run_key)
+    st.fragment(run_every=settings.SLOW_REFRESH_S)(diagnosis_view)(run_key)
 
 
 def diagnosis_view(run_key: str) -> None:

@@ -1,5 +1,5 @@
-"""The Live tab: status, headline numbers and the charts of the selected run, refreshed every second by a
-fragment.
+"""The Live tab: status, headline numbers and the charts of the selected run, refreshed by a fragment every
+few seconds (app/settings.LIVE_REFRESH_S).
 
 The fragment reads everything it shows from the run at each refresh (status, controls, alerts), never from
 what the page saw when it loaded, and draws the same elements in the same order every time. The charts are
@@ -15,7 +15,7 @@ from workbench.requests import ENDED
 from . import live, settings
 from .charts import chart_grid
 from .sidebar import where_text
-from .ui import STATUS_COLORS, every, guarded, name_of, ss
+from .ui import STATUS_COLORS, guarded, name_of, ss
 
 CHARTS = ("loss", "lr", "grad_norm", "val_acc", "layer_grad_norm", "update_ratio", "batch_precision",
           "metrics")   # two to a row
@@ -41,7 +41,7 @@ def live_ui(run_key: str | None) -> None:
                        file_name=f"{name_of(run_key)}-evals.csv", mime="text/csv", icon=":material/download:")
     # an ended run is looked at less often: a resume shows within a few seconds all the same
     period = settings.SLOW_REFRESH_S if run.snapshot()["status"] in ENDED else settings.LIVE_REFRESH_S
-    st.fragment(run_every=every("live", period))(live_view)(run_key, bool(ss.live_log_y), float(ss.live_smooth),
+    st.fragment(run_every=period)(live_view)(run_key, bool(ss.live_log_y), float(ss.live_smooth),
                                             ss.get("live_x") or "step")   # a click on the chosen segment clears it
 
 

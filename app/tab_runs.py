@@ -7,13 +7,13 @@ import streamlit as st
 from workbench import runs
 
 from . import settings
-from .ui import every, fmt_time, guarded, root
+from .ui import fmt_time, guarded, root
 
 
 def runs_ui() -> None:
     st.caption(f"Every run under {root()} — started here, from the command line or from a notebook. "
                f"Pick one in the sidebar to watch and steer it.")
-    st.fragment(run_every=every("runs", settings.SLOW_REFRESH_S))(runs_table)()
+    st.fragment(run_every=settings.SLOW_REFRESH_S)(runs_table)()
 
 
 def runs_table() -> None:

@@ -25,17 +25,6 @@ STATUS_COLORS = {"running": "green", "paused": "orange", "idle": "gray", "finish
 SEVERITY_COLORS = {"critical": "red", "warning": "orange", "info": "blue"}
 
 
-OPEN_TAB = "_open_tab"   # session key: the section of the tab the user has open (app/dashboard.py sets it)
-
-
-def every(section: str, seconds: float | None) -> float | None:
-    """A fragment's refresh period: ``seconds`` while its tab is the open one, else None (no timer). Every
-    tab is drawn at each full run, so its content is there the moment the user opens it, but only the open
-    one keeps refreshing itself: a hidden tab's timer would cost the server and the browser a re-render every
-    few seconds for nothing, CPU that the run being watched shares."""
-    return seconds if ss.get(OPEN_TAB, section) == section else None
-
-
 @contextmanager
 def guarded(where: str) -> Iterator[None]:
     """Show an error inline instead of a stack trace; the traceback goes to the server log."""

@@ -89,23 +89,6 @@ def test_renders_without_exceptions_on_an_empty_root(app):
     assert {"Live", "Runs", "Launch", "Diagnosis", "Checkpoints", "Compare", "TensorBoard"} <= names
 
 
-def test_only_the_open_tab_refreshes_itself_and_every_tab_is_drawn(app, monkeypatch):
-    """Each tab's fragment keeps its timer only while its tab is open: a hidden Runs table re-rendering every
-    3 s costs the browser and the server CPU that the watched run shares. Every tab is still drawn at each
-    full run, so a tab's content is there when it opens."""
-    from app import ui
-    from app.ui import OPEN_TAB, every
-
-    app.run()
-    assert app.session_state[OPEN_TAB] == "live"
-    app.session_state["tab"] = app.tabs[1].label        # the user opens Runs
-    app.run()
-    assert not app.exception and app.session_state[OPEN_TAB] == "runs"
-    assert any(b.key == "launch_start" for b in app.button)                  # the Launch tab is drawn too
-    monkeypatch.setattr(ui, "ss", {OPEN_TAB: app.session_state[OPEN_TAB]})
-    assert every("runs", 3.0) == 3.0 and every("live", 2.0) is None and every("diagnosis", 3.0) is None
-
-
 def test_start_demo_creates_a_run(app, runs_root):
     app.run()
     app.button(key="demo_start").click().run()

@@ -160,7 +160,7 @@ def test_start_watch_and_steer_in_a_browser(chromium, server):
             page.get_by_text("lr=0.003: applied at step").first.wait_for(timeout=20_000)
             # the event list (markdown turns -> into an arrow) and the marker on the loss chart
             page.get_by_text(re.compile(r"lr: 0\.001 (->|→) 0\.003")).first.wait_for(timeout=20_000)
-            charts.wait_for_function(f"({MARKER_TEXT_JS})().some(t => t.startsWith('lr: 0.001 -> 0.003'))",
+            charts.wait_for_function(f"({MARKER_TEXT_JS})().some(t => /^step \\d+: lr: 0\\.001 -> 0\\.003/.test(t))",
                                      timeout=10_000)
 
             # a bad value: an inline error with the engine's message, no traceback

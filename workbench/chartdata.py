@@ -59,11 +59,12 @@ def chart_data(run: Any, n_out: int = 2000, max_cols: int = 200, x: str = "step"
     events = run.events
     markers = markers_of(events[events["kind"].isin(MARKER_KINDS)].to_dict("records") if len(events) else [])
     data = ChartData(series=series, layers=layers, markers=markers)
-    if x != "step":
-        clock = run.series("time", n_out) if x == "time" else samples_clock(*run.series("batch_size", n_out),
-                                                                             samples_per_row)
-        rebase(data, clock, X_AXES[x])
-    data.points = max((len(xs) for xs, _ in series.values()), default=0)
+    if x == "time":
+        steps, t = run.series("time", n_out)
+        rebase(data, (steps, t - t[0] if len(t) else t), X_AXES[x])
+    elif x == "samples":
+        rebase(data, samples_clock(*run.series("batch_size", n_out), samples_per_row), X_AXES[x])
+    data.points = max((len(xs) for xs, _ in data.series.values()), default=0)
     return data
 
 
@@ -89,16 +90,16 @@ def samples_clock(steps: np.ndarray, batch: np.ndarray, per_row: int = 1) -> tup
 
 
 def rebase(data: ChartData, clock: tuple[np.ndarray, np.ndarray], title: str) -> None:
-    """Move every x of ``data`` from steps to the clock's values (interpolated between its points)."""
+    """Move every x of ``data`` from steps to the clock's values, (step, value) points interpolated between
+    (a run without steps yet keeps its steps)."""
     cx, cy = (np.asarray(a, dtype=float) for a in clock)
     ok = np.isfinite(cx) & np.isfinite(cy)
     cx, cy = cx[ok], cy[ok]
     if not len(cx):
         return
-    origin = cy[0] if title == X_AXES["time"] else 0.0
 
     def at(steps: Any) -> np.ndarray:
-        return np.interp(np.asarray(steps, dtype=float), cx, cy) - origin
+        return np.interp(np.asarray(steps, dtype=float), cx, cy)
 
     data.series = {n: (at(xs), ys) for n, (xs, ys) in data.series.items()}
     if not data.layers.empty:

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from .chartdata import ChartData, layer_matrix
+from .rundir.tb import PRECISION_CODES
 
 COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "lr": "#2ca02c", "grad": "#9467bd", "acc": "#d62728"}
 MARKER_COLORS = {"control": "#17becf", "checkpoint": "#7f7f7f", "alert": "#d62728", "rollback": "#e377c2",
@@ -38,7 +39,7 @@ LAYOUT = dict(height=300, margin=dict(l=60, r=40, t=62, b=40),
 PLAIN_TICKS = dict(tickformat="~g")
 EXP_TICKS = dict(tickformat=".0e")
 ACCURACY_RANGE = (0, 1.02)
-PRECISIONS = {0.0: "fp32", 1.0: "bf16", 2.0: "fp16"}   # the step rows' precision codes (runlog.PRECISION_CODES)
+PRECISIONS = {float(code): name for name, code in PRECISION_CODES.items()}   # the step rows' codes -> names
 EMPTY_NOTE = dict(xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font=dict(color="#888"))
 
 
