@@ -14,9 +14,12 @@ ENV_DEMO = "WORKBENCH_DEMO"        # "1": start the demo run on launch (same as 
 ENV_ALLOW = "WORKBENCH_ALLOW"      # more folders the page may use, os.pathsep-separated (same as --allow)
 DEFAULT_RUNS = "runs"
 # Every tab's fragment refreshes whether or not its tab is open (Streamlit draws them all), and each refresh
-# re-renders in the browser: CPU taken from the run being watched on the same machine (bench/RESULTS.md, 7b)
+# re-renders in the browser: CPU taken from the run being watched on the same machine (bench/RESULTS.md, 7b).
+# The live view is what a user watches; the other tabs are read now and then, and a new alert shows in the
+# live view's alert line within one live refresh.
 LIVE_REFRESH_S = 2.0               # live view refresh while a run is going
-SLOW_REFRESH_S = 5.0               # runs list, diagnosis, checkpoints, compare; an ended run's live view
+ENDED_REFRESH_S = 5.0              # the live view of an ended run (a resume from elsewhere shows within it)
+SLOW_REFRESH_S = 10.0              # runs list, diagnosis, checkpoints, compare
 
 
 @dataclass(frozen=True)

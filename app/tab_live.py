@@ -40,7 +40,7 @@ def live_ui(run_key: str | None) -> None:
     c4.download_button("Evals CSV", data=lambda: run.evals.to_csv(index=False), key="live_csv_evals",
                        file_name=f"{name_of(run_key)}-evals.csv", mime="text/csv", icon=":material/download:")
     # an ended run is looked at less often: a resume shows within a few seconds all the same
-    period = settings.SLOW_REFRESH_S if run.snapshot()["status"] in ENDED else settings.LIVE_REFRESH_S
+    period = settings.ENDED_REFRESH_S if run.snapshot()["status"] in ENDED else settings.LIVE_REFRESH_S
     st.fragment(run_every=period)(live_view)(run_key, bool(ss.live_log_y), float(ss.live_smooth),
                                             ss.get("live_x") or "step")   # a click on the chosen segment clears it
 
