@@ -50,8 +50,8 @@ def chart_data(run: Any, n_out: int = 2000, max_cols: int = 200, x: str = "step"
         raise ValueError(f"x axis {x!r}: allowed: {', '.join(X_AXES)}")
     names = [*SERIES, *(n for n in getattr(run, "eval_names", ()) if n not in SERIES)]   # and the other metrics
     series = {name: run.series(name, n_out) for name in names}
-    series["batch_size"], series["precision"] = changes_only(*series["batch_size"]), \
-        changes_only(*series["precision"])
+    batch = series["batch_size"]
+    series["batch_size"], series["precision"] = changes_only(*batch), changes_only(*series["precision"])
     layers = run.layer_history
     if not layers.empty:
         layers = layers[thin_steps(layers["step"].to_numpy(), max_cols)]
@@ -63,7 +63,7 @@ def chart_data(run: Any, n_out: int = 2000, max_cols: int = 200, x: str = "step"
         steps, t = run.series("time", n_out)
         rebase(data, (steps, t - t[0] if len(t) else t), X_AXES[x])
     elif x == "samples":
-        rebase(data, samples_clock(*run.series("batch_size", n_out), samples_per_row), X_AXES[x])
+        rebase(data, samples_clock(*batch, samples_per_row), X_AXES[x])
     data.points = max((len(xs) for xs, _ in data.series.values()), default=0)
     return data
 
