@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 BUDGET_S = 90          # each notebook, top to bottom, on 2 CPU cores
 MARGIN_S = 60          # slack for a loaded CI machine and the kernel's start
 LIVE = ("02", "03", "04", "07", "08")   # notebooks whose panel must move while their cells run
-APART_S = 1.0          # two readings of the loss chart at least this far apart, the later one with more points
+APART_S = 1.0          # two readings of the loss chart at least this far apart, the later one reaching a later step
 
 
 def test_the_notebooks_exist_and_are_stored_without_outputs():
@@ -37,7 +38,7 @@ def test_the_notebooks_exist_and_are_stored_without_outputs():
 class LossChartSpy:
     """A second frontend on a kernel: reads every IOPub message the kernel publishes (nbclient keeps only
     those of the cell it runs, while a panel's poller started in one cell keeps drawing during the next) and
-    records, per update of the panel's loss chart, how many points its train-loss trace received."""
+    records, per update of the panel's loss chart, how many points its train-loss trace received and its last step."""
 
     def __init__(self, connection_info: dict) -> None:
         from jupyter_client import BlockingKernelClient
@@ -46,7 +47,7 @@ class LossChartSpy:
         self.kc.load_connection_info(connection_info)
         self.kc.start_channels(shell=False, stdin=False, hb=False, control=False)
         self.loss_charts: set[str] = set()
-        self.readings: list[tuple[float, int]] = []       # (monotonic time, points)
+        self.readings: list[tuple[float, int, float | None]] = []   # (monotonic time, points, last step)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -58,16 +59,24 @@ class LossChartSpy:
             except queue.Empty:
                 continue
             if msg["msg_type"] in ("comm_open", "comm_msg"):
-                self._see(msg["content"]["comm_id"], msg["content"]["data"].get("state") or {})
+                data = msg["content"]["data"]
+                buffers = {tuple(p): b for p, b in zip(data.get("buffer_paths") or [], msg.get("buffers") or [])}
+                self._see(msg["content"]["comm_id"], data.get("state") or {}, buffers)
 
-    def _see(self, comm_id: str, state: dict) -> None:
+    def _see(self, comm_id: str, state: dict, buffers: dict) -> None:
         if any(t.get("name") == "train loss" for t in state.get("_widget_data") or []):
             self.loss_charts.add(comm_id)      # the FigureWidget whose first trace is the train loss
         update = state.get("_py2js_update") or {}
         xs, traces = update.get("style_data", {}).get("x"), update.get("style_traces")
         if comm_id in self.loss_charts and xs is not None and traces is not None and 0 in traces:
-            x = xs[traces.index(0)]            # a float array travels as a buffer: {dtype, shape} in the JSON part
-            self.readings.append((time.monotonic(), x["shape"][0] if isinstance(x, dict) else len(x)))
+            i = traces.index(0)
+            x = xs[i]                          # a float array travels as a buffer: {dtype, shape} in the JSON part
+            if isinstance(x, dict):
+                buf = buffers.get(("_py2js_update", "style_data", "x", i, "buffer"))
+                last = float(np.frombuffer(buf, dtype=x["dtype"])[-1]) if buf is not None and x["shape"][0] else None
+                self.readings.append((time.monotonic(), x["shape"][0], last))
+            else:
+                self.readings.append((time.monotonic(), len(x), float(x[-1]) if len(x) else None))
 
     def close(self) -> None:
         self._stop.set()
@@ -97,15 +106,17 @@ def _execute(path: Path, cwd: Path) -> tuple[nbformat.NotebookNode, float, list[
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, tmp_path):
     nb, elapsed, readings = _execute(path, tmp_path)
-    print(f"{path.name}: {elapsed:.1f} s; loss chart points as sent: {[n for _, n in readings]}")
+    print(f"{path.name}: {elapsed:.1f} s; loss chart (points, last step) as sent: {[r[1:] for r in readings]}")
     assert elapsed < BUDGET_S + MARGIN_S, f"{path.name} took {elapsed:.0f} s (budget {BUDGET_S} s + {MARGIN_S} s)"
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert [o for o in outputs if o.get("output_type") == "error"] == []
     printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "JSON compliant" not in printed      # jupyter_client's warning for a message holding NaN
     if path.stem[:2] in LIVE:
-        moved = [(t1 - t0, n0, n1) for t0, n0 in readings for t1, n1 in readings if t1 - t0 >= APART_S and 0 < n0 < n1]
-        assert moved, f"the panel's loss chart did not grow over {APART_S} s while the cells ran: {readings}"
+        # the newest step drawn, not the point count: a series longer than the panel's n_out stays at n_out points
+        moved = [(t1 - t0, x0, x1) for t0, _, x0 in readings for t1, _, x1 in readings
+                 if t1 - t0 >= APART_S and x0 is not None and x1 is not None and x0 < x1]
+        assert moved, f"the panel's loss chart did not move on over {APART_S} s while the cells ran: {readings}"
     assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").iterdir())   # runs land under ./runs
 
 
