@@ -3,7 +3,7 @@
 After every kill and the next start: no file under a final name is partial, no temp file or shared memory of
 the killed processes is left, every checkpoint on disk is in the table, no history row is missing, the work
 lost is bounded by the checkpoint interval, and the run, finished at last, ends with the weights of a run
-that was never killed. ``WORKBENCH_KILLS`` sets how many kills (default: 20 where ``CI`` is set, else 8; each costs about 8 s).
+that was never killed. ``WORKBENCH_KILLS`` sets how many kills (default: 20 where ``CI`` is set, else 8; each costs about 3 s).
 """
 from __future__ import annotations
 
