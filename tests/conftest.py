@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -175,6 +176,20 @@ def training_process(root: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=30)
+
+
+def stop_group(proc: subprocess.Popen, wait_s: float = 15) -> None:
+    """Stop a server started in its own session: SIGTERM to its process group, SIGKILL if it has not ended
+    within ``wait_s`` (its children, a browser or a kernel, go with it)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
 
 def kill(proc: subprocess.Popen) -> None:

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from streamlit.testing.v1 import AppTest
 
 from workbench import handle, registry, runs
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, stop_group, wait_for
 
 APP = ROOT / "app" / "dashboard.py"
 SECRET_KEY = "zz_secret_key_q7"
@@ -75,12 +73,7 @@ def test_the_server_refuses_a_foreign_host_and_origin(tmp_path):
         assert all(a[4][0] in ("127.0.0.1",) for a in socket.getaddrinfo("127.0.0.1", port))
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(30)
+            stop_group(proc, 30)
         log.close()
 
 
